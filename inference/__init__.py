@@ -1,0 +1,1 @@
+"""Fitting algorithms for the behaviour model."""

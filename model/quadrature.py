@@ -1,0 +1,57 @@
+"""Gauss-Jacobi quadrature against a Beta(a, b) density, differentiable in a and b.
+
+With G nodes, ``sum_g w_g f(x_g) = E_{x ~ Beta(a, b)}[f(x)]`` exactly for every polynomial f of degree
+at most 2G - 1. Nodes and weights come from the eigen-decomposition of the Jacobi matrix of the
+orthogonal polynomials for the weight x^(a-1) (1-x)^(b-1) on [0, 1] (Golub-Welsch), so autograd
+carries gradients with respect to (a, b) through ``torch.linalg.eigh``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def jacobi_matrix(a: torch.Tensor, b: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """Symmetric tridiagonal Jacobi matrix on t = 2x - 1 for weight (1-t)^alpha (1+t)^beta.
+
+    alpha = b - 1, beta = a - 1. Diagonal: (beta^2 - alpha^2) / (s (s + 2)), s = 2k + alpha + beta;
+    squared off-diagonal: 4k (k+alpha)(k+beta)(k+alpha+beta) / (s^2 (s+1)(s-1)); k = 0 and k = 1 are
+    written in their cancelled forms, which have no 0/0 at alpha + beta in {0, -1}.
+    """
+    al, be = b - 1.0, a - 1.0
+    ab = al + be
+    diag = [(be - al) / (ab + 2.0)]
+    if n_nodes > 1:
+        k = torch.arange(1, n_nodes, dtype=a.dtype, device=a.device)
+        s = 2.0 * k + ab
+        diag.append((be * be - al * al) / (s * (s + 2.0)))
+    d = torch.cat([diag[0].reshape(1)] + ([diag[1]] if n_nodes > 1 else []))
+    J = torch.diag(d)
+    if n_nodes > 1:
+        off = [4.0 * (1.0 + al) * (1.0 + be) / ((2.0 + ab) ** 2 * (3.0 + ab))]
+        if n_nodes > 2:
+            k = torch.arange(2, n_nodes, dtype=a.dtype, device=a.device)
+            s = 2.0 * k + ab
+            off.append(4.0 * k * (k + al) * (k + be) * (k + ab) / (s * s * (s + 1.0) * (s - 1.0)))
+        e = torch.sqrt(torch.cat([off[0].reshape(1)] + ([off[1]] if n_nodes > 2 else [])))
+        J = J + torch.diag(e, 1) + torch.diag(e, -1)
+    return J
+
+
+def gauss_jacobi(a: torch.Tensor, b: torch.Tensor, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes x_g in (0, 1) and log-weights log w_g (sum_g w_g = 1) for the Beta(a, b) density.
+
+    Computed in float64 whatever the input dtype (eigenvectors in float32 are too coarse for the
+    small weights); cast back by the caller.
+    """
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    t, vecs = torch.linalg.eigh(jacobi_matrix(a64, b64, n_nodes))
+    x = (0.5 * (1.0 + t)).clamp(1e-300, 1.0 - 1e-16)
+    logw = 2.0 * torch.log(vecs[0].abs().clamp_min(1e-300))
+    logw = logw - torch.logsumexp(logw, 0)  # exact normalisation: the weights sum to one
+    return x, logw
+
+
+def nodes_for(max_votes: int, cap: int) -> int:
+    """Nodes that make the marginal and the posterior mean exact for users with up to ``max_votes`` votes."""
+    return int(min(max(max_votes // 2 + 2, 2), cap))
