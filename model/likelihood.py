@@ -40,6 +40,20 @@ class Bucket:
     n: torch.Tensor            # [Q]
     incidence: torch.Tensor    # sparse [Ub, Q]: how many of a user's cells have this pattern
 
+    def row_chunks(self, max_rows: int) -> list[tuple[int, torch.Tensor]]:
+        """Row ranges of the incidence as (first row, sparse [rows, Q]) pieces of at most max_rows rows."""
+        if self.incidence.shape[0] <= max_rows:
+            return [(0, self.incidence)]
+        idx, val = self.incidence.indices(), self.incidence.values()
+        out = []
+        for start in range(0, self.incidence.shape[0], max_rows):
+            stop = min(start + max_rows, self.incidence.shape[0])
+            lo, hi = torch.searchsorted(idx[0], torch.tensor([start, stop], device=idx.device)).tolist()
+            sub = idx[:, lo:hi] - torch.tensor([[start], [0]], device=idx.device)
+            out.append((start, torch.sparse_coo_tensor(sub, val[lo:hi], (stop - start, self.incidence.shape[1]),
+                                                       check_invariants=False)))
+        return out
+
 
 @dataclass
 class QuadraturePlan:

@@ -1,0 +1,185 @@
+"""The ``heedful`` command line: simulate, fit, demo (and the commands registered by other modules).
+
+Errors in the input print one line and exit with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from heedful.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the attentive users in comparison-mode preference votes.")
+err = Console(stderr=True)
+out = Console()
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False
+          ) -> None:
+    _STATE["debug"] = debug
+
+
+def _parse_beta(text: str, what: str) -> tuple[float, float]:
+    from heedful.model.priors import beta_of
+    return beta_of(text, what)
+
+
+@app.command()
+def simulate(
+    users: Annotated[int, typer.Option("--users", help="Number of users.")],
+    votes_per_user: Annotated[float, typer.Option("--votes-per-user", help="Votes per user (the mean if heavy-tailed).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Votes file (.parquet, .csv, .jsonl).")],
+    mu: Annotated[float, typer.Option(help="P(the stronger model's answer is truly better), one pair.")] = 0.8,
+    eta_prior: Annotated[str, typer.Option("--eta-prior", help="Population prior of eta.")] = "Beta(3, 5)",
+    pairs: Annotated[int, typer.Option(help="Number of model pairs (mu spread over [0.6, 0.9] when > 1).")] = 1,
+    vote_counts: Annotated[str, typer.Option("--vote-counts", help="fixed, geometric or lognormal.")] = "fixed",
+    tie_rate: Annotated[float, typer.Option("--tie-rate", help="Share of votes that are ties.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Simulate a comparison-mode log; writes the votes and OUTPUT's stem + '.truth.parquet' (true eta)."""
+    from heedful.outputs import write_table
+    from heedful.simulate import default_pairs
+    from heedful.simulate import simulate as run
+
+    sim = run(users, votes_per_user, mu=mu, eta_prior=_parse_beta(eta_prior, "--eta-prior"),
+              pairs=default_pairs(pairs, mu), vote_counts=vote_counts, tie_rate=tie_rate, seed=seed)
+    truth = output.with_name(output.name.split(".")[0] + ".truth.parquet")
+    write_table(output, sim.votes)
+    write_table(truth, sim.users)
+    out.print(f"wrote {len(sim.votes):,} votes of {users:,} users to {output} and the true eta to {truth}")
+
+
+def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: str, device: str, dtype: str):
+    from heedful.config import load_priors
+    from heedful.inference import Attentiveness
+    from heedful.outputs import write_fit
+    from heedful.votes import read_votes
+
+    priors = load_priors(config)
+    t0 = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(f"reading {votes_path}", total=None)
+        votes = read_votes(votes_path)
+        bar.update(task, description=f"fitting {len(votes):,} rows ({method})")
+
+        def progress(it: int, obj: float) -> None:
+            bar.update(task, description=f"fitting ({method}): iteration {it}, objective {obj:,.3f}")
+
+        model = Attentiveness(method=method, priors=priors, device=device, dtype=dtype, progress=progress).fit(votes)
+        bar.update(task, description="writing")
+        write_fit(outdir, model.users_, model.params())
+    _summary(model, outdir, time.perf_counter() - t0)
+    return model
+
+
+def _summary(model, outdir: Path, elapsed: float) -> None:
+    p = model.params()
+    ep = model.eta_prior_
+    out.print(f"[bold]heedful fit[/bold] ({p['method']}): {p['n_users']:,} users, {p['n_votes']:,} votes, "
+              f"{p['n_ties']:,} ties, {p['n_pairs']} pair(s); {p['iterations']} iterations, "
+              f"{'converged' if p['converged'] else '[red]not converged[/red]'}, {elapsed:.1f} s")
+    t = Table("pair", "mu", "90% interval", "votes", "ties", "mu is", box=None)
+    for r in model.pairs_.head(20).itertuples():
+        t.add_row(f"{r.model_a} vs {r.model_b}", f"{r.mu:.3f}", f"[{r.mu_lo:.3f}, {r.mu_hi:.3f}]",
+                  f"{r.n_votes:,}", f"{r.n_ties:,}", r.source)
+    out.print(t)
+    if len(model.pairs_) > 20:
+        out.print(f"... and {len(model.pairs_) - 20} more pairs in params.json")
+    learned = "learned" if ep["learned"] else "fixed"
+    iv = f", a in [{ep['a_lo']:.2f}, {ep['a_hi']:.2f}], b in [{ep['b_lo']:.2f}, {ep['b_hi']:.2f}]" if "a_lo" in ep else ""
+    out.print(f"eta prior ({learned}): Beta({ep['a']:.3f}, {ep['b']:.3f}), mean {ep['mean']:.3f}{iv}")
+    out.print(f"users who look inattentive (posterior mean eta < {p['casual_threshold']:g}): "
+              f"{p['n_inattentive']:,} of {p['n_users']:,}")
+    for w in p["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {w}")
+    out.print(f"wrote {outdir / 'users.parquet'} and {outdir / 'params.json'}")
+
+
+@app.command()
+def fit(
+    votes: Annotated[Path, typer.Argument(help="Votes file: .csv, .tsv, .parquet or .jsonl.")],
+    outdir: Annotated[Path, typer.Option("-o", "--output", help="Output folder for users.parquet and params.json.")],
+    config: Annotated[Path | None, typer.Option("--config", help="Priors TOML file.")] = None,
+    method: Annotated[str, typer.Option(help="marginal (default) or em.")] = "marginal",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float64 (default) or float32.")] = "float64",
+) -> None:
+    """Fit the behaviour model; write OUTDIR/users.parquet and OUTDIR/params.json."""
+    _fit_and_write(votes, outdir, config, method, device, dtype)
+
+
+@app.command()
+def demo(
+    outdir: Annotated[Path, typer.Option("-o", "--output", help="Folder for the demo's files.")] = Path("demo-out"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the whole pipeline on a bundled simulated log: simulate, fit, and report against the truth."""
+    import numpy as np
+
+    from heedful.outputs import write_table
+    from heedful.simulate import default_pairs
+    from heedful.simulate import simulate as run
+
+    sim = run(2000, 15, eta_prior=(2.0, 2.0), pairs=default_pairs(3, 0.8), vote_counts="geometric",
+              tie_rate=0.05, seed=seed)
+    votes_path = outdir / "votes.parquet"
+    write_table(votes_path, sim.votes)
+    write_table(outdir / "truth.parquet", sim.users)
+    out.print(f"demo: simulated {len(sim.votes):,} votes of {len(sim.users):,} users -> {votes_path}")
+    model = _fit_and_write(votes_path, outdir / "fit", None, "marginal", "auto", "float64")
+    u = model.users_.merge(sim.users, on="user_id")
+    inside = float(np.mean((u.true_eta >= u.eta_lo) & (u.true_eta <= u.eta_hi)))
+    corr = float(np.corrcoef(u.eta_mean, u.true_eta)[0, 1])
+    out.print(f"demo: correlation of eta_mean with the true eta {corr:.3f}; "
+              f"90% intervals hold the true eta for {inside:.1%} of users")
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    import heedful.commands
+
+    for m in sorted(pkgutil.iter_modules(heedful.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"heedful.commands.{m.name}").register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except InputError as e:
+        if debug:
+            raise
+        err.print(f"heedful: error: {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("heedful: interrupted; no output was written for the unfinished step")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        err.print(f"heedful: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,170 @@
+"""The estimator object: votes in, per-user attentiveness and the globals out (crowd-kit style).
+
+>>> model = Attentiveness(method="marginal").fit(votes)     # fit returns self
+>>> model.users_        # one row per user: n_votes, eta_hat, eta_mean, eta_lo, eta_hi, ...
+>>> model.pairs_        # one row per pair: mu with its interval, votes, ties
+>>> model.params()      # the params.json document
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Self
+
+import numpy as np
+import pandas as pd
+import torch
+
+from heedful import __version__
+from heedful.config import Priors
+from heedful.device import resolve_device, resolve_dtype
+from heedful.errors import InputError
+from heedful.inference.em import fit_em
+from heedful.inference.globals import GlobalSpec, global_spec
+from heedful.inference.marginal import fit_marginal
+from heedful.inference.posterior import UserPosterior, user_posterior
+from heedful.inference.result import GlobalFit, ProgressFn, global_intervals
+from heedful.model.likelihood import QuadraturePlan, build_plan
+from heedful.suffstats import VoteStats, vote_stats
+from heedful.votes import validate_votes
+
+METHODS = ("marginal", "em")
+
+
+class Attentiveness:
+    """User behaviour model fitted to comparison-mode votes.
+
+    Parameters: ``method`` (``marginal``: exact-marginal empirical Bayes, the default; ``em``: the
+    paper's MAP EM), ``priors`` (:class:`heedful.config.Priors`), ``device``/``dtype``, ``level``
+    (of the central intervals), ``progress`` (callback ``(iteration, objective)``).
+
+    Attributes after ``fit``: ``users_``, ``pairs_``, ``eta_prior_``, ``log_likelihood_``,
+    ``n_iter_``, ``converged_``, ``warnings_``, ``stats_``, ``fit_``, ``posterior_``.
+    """
+
+    def __init__(self, method: str = "marginal", priors: Priors | None = None, *, device: str = "auto",
+                 dtype: str = "float64", level: float = 0.90, tol: float | None = None,
+                 max_iter: int | None = None, progress: ProgressFn | None = None) -> None:
+        if method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        if not 0 < level < 1:
+            raise InputError(f"level must lie in (0, 1), got {level}")
+        self.method = method
+        self.priors = priors or Priors()
+        self.device = device
+        self.dtype = dtype
+        self.level = level
+        self.tol = tol if tol is not None else self.priors.tol
+        self.max_iter = max_iter if max_iter is not None else self.priors.max_iter
+        self.progress = progress
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def fit(self, votes: pd.DataFrame | VoteStats) -> Self:
+        t0 = time.perf_counter()
+        dev, dt = resolve_device(self.device), resolve_dtype(self.dtype)
+        stats = votes if isinstance(votes, VoteStats) else vote_stats(validate_votes(votes), validated=True)
+        if stats.n_votes == 0:
+            raise InputError("every vote is a tie: there is nothing to fit (ties are left out of the likelihood)")
+        spec = global_spec(stats, self.priors)
+        plan = build_plan(stats, dev, dt)
+        cells = stats.tensors(dev, dt)
+        if self.method == "marginal":
+            gfit = fit_marginal(stats, plan, spec, tol=self.tol, max_iter=self.max_iter, progress=self.progress)
+        else:
+            gfit = fit_em(stats, plan, spec, cells, tol=self.tol, max_iter=self.max_iter, progress=self.progress)
+        post = user_posterior(plan, cells, gfit.a, gfit.b, torch.as_tensor(gfit.mu, dtype=dt, device=dev),
+                              level=self.level)
+        self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
+        self._plan, self._cells = plan, cells
+        self._finish(time.perf_counter() - t0, dev, dt)
+        return self
+
+    def _finish(self, elapsed: float, dev: torch.device, dt: torch.dtype) -> None:
+        stats, spec, gfit, post = self.stats_, self.spec_, self.fit_, self.posterior_
+        iv = global_intervals(gfit, self.level)
+        eta_hat = gfit.eta_map if gfit.eta_map is not None else post.mode
+        self.users_ = pd.DataFrame({
+            "user_id": stats.users,
+            "n_votes": stats.user_votes(),
+            "n_ties": stats.user_ties,
+            "eta_hat": eta_hat,
+            "eta_mean": post.mean,
+            "eta_lo": post.lo,
+            "eta_hi": post.hi,
+            "eta_sd": post.sd,
+        })
+        pv = stats.pair_votes()
+        self.pairs_ = pd.DataFrame({
+            "model_a": [p[0] for p in stats.pairs],
+            "model_b": [p[1] for p in stats.pairs],
+            "mu": gfit.mu,
+            "mu_lo": [lo for lo, _ in iv["mu"]],
+            "mu_hi": [hi for _, hi in iv["mu"]],
+            "n_votes": pv,
+            "n_ties": stats.pair_ties,
+            "a_rate": stats.pair_a_votes() / np.maximum(pv, 1),
+            "source": spec.mu_source,
+        })
+        self.eta_prior_ = {"a": gfit.a, "b": gfit.b, "learned": spec.eta_fixed is None and self.method != "em",
+                           "mean": gfit.a / (gfit.a + gfit.b), "concentration": gfit.a + gfit.b, **iv["eta_prior"]}
+        warnings = list(spec.warnings) + list(gfit.warnings)
+        width = self.pairs_.mu_hi - self.pairs_.mu_lo
+        for r in self.pairs_[(self.pairs_.source != "known") & (width > self.priors.mu_interval_warn)].itertuples():
+            warnings.append(f"mu for {r.model_a} vs {r.model_b} is weakly identified: its {self.level:.0%} interval "
+                            f"[{r.mu_lo:.3f}, {r.mu_hi:.3f}] is wider than {self.priors.mu_interval_warn:g}; "
+                            "fix it in the config, give it a prior, or add gold votes")
+        for r in self.pairs_[(self.pairs_.source != "known") & ((self.pairs_.mu - 0.5).abs() < 0.02)].itertuples():
+            warnings.append(f"mu for {r.model_a} vs {r.model_b} is {r.mu:.3f}, close to 1/2: votes on this pair "
+                            "say almost nothing about attentiveness")
+        if stats.n_ties:
+            warnings.append(f"{stats.n_ties} tie votes were counted and left out of the likelihood")
+        self.warnings_ = warnings
+        self.log_likelihood_ = gfit.log_likelihood
+        self.n_iter_ = gfit.iterations
+        self.converged_ = gfit.converged
+        self.elapsed_ = elapsed
+        self._device, self._dtype = dev, dt
+
+    # -- results ---------------------------------------------------------------------------------
+    def n_inattentive(self) -> int:
+        """Users whose posterior mean of eta is below the config's casual_threshold (default 1/2)."""
+        return int((self.users_.eta_mean < self.priors.casual_threshold).sum())
+
+    def prob_above(self, tau: float) -> np.ndarray:
+        """P(eta_u > tau | votes) for every user, in the order of ``users_``."""
+        if not 0 < tau < 1:
+            raise InputError(f"tau must lie in (0, 1), got {tau}")
+        mu = torch.as_tensor(self.fit_.mu, dtype=self._dtype, device=self._device)
+        post = user_posterior(self._plan, self._cells, self.fit_.a, self.fit_.b, mu, level=self.level, tau=tau)
+        return post.prob_above
+
+    def params(self) -> dict:
+        """The params.json document: per-pair mu with interval and votes, the eta prior, fit status."""
+        s = self.stats_
+        return {
+            "method": self.method,
+            "mu": [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                   for row in self.pairs_.to_dict(orient="records")],
+            "eta_prior": self.eta_prior_,
+            "log_likelihood": self.log_likelihood_,
+            "objective": self.fit_.objective,
+            "iterations": self.n_iter_,
+            "converged": self.converged_,
+            "warnings": self.warnings_,
+            "interval_level": self.level,
+            "n_rows": s.n_rows,
+            "n_users": s.n_users,
+            "n_votes": s.n_votes,
+            "n_ties": s.n_ties,
+            "n_pairs": s.n_pairs,
+            "n_inattentive": self.n_inattentive(),
+            "casual_threshold": self.priors.casual_threshold,
+            "config": self.priors.source,
+            "device": str(self._device),
+            "dtype": str(self._dtype).replace("torch.", ""),
+            "elapsed_s": round(self.elapsed_, 3),
+            "heedful_version": __version__,
+        }
+
+
+__all__ = ["Attentiveness", "METHODS", "GlobalFit", "GlobalSpec", "QuadraturePlan", "UserPosterior"]

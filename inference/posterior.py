@@ -1,0 +1,157 @@
+"""Each user's posterior over eta given the fitted globals (a, b, mu): mean, mode, interval, tail mass.
+
+p(eta | y_u) is proportional to L_u(eta) Beta(eta; a, b). The mean is exact (Gauss-Jacobi, as in the
+marginal likelihood). Quantiles and P(eta > tau) come from the CDF on a grid in x = logit(eta),
+where the density L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b is smooth; the mass beyond |x| = 20 is
+added in closed form (there L_u is flat and the density is e^(a x) / B(a, b) to relative 1e-9).
+The mode (``eta_hat``) is the grid maximum of the density in eta, refined by golden-section search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats as sstats
+
+from heedful.model.likelihood import QuadraturePlan, pattern_loglik
+from heedful.model.quadrature import gauss_jacobi
+
+X_EDGE = 20.0
+MAX_ELEMENTS = 4_000_000   # grid cells per chunk: bounds memory whatever the number of users
+
+
+@dataclass
+class UserPosterior:
+    """Per-user summaries, numpy arrays of length U."""
+
+    mean: np.ndarray
+    mode: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    sd: np.ndarray
+    prob_above: np.ndarray | None = None   # P(eta_u > tau) when a tau was given
+
+
+def _grid_size(n_max: int) -> int:
+    return int(np.clip(100.0 * math.sqrt(n_max + 1.0), 400, 4000))
+
+
+def _quantile(cdf: torch.Tensor, x: torch.Tensor, p: float, a: float, b: float) -> torch.Tensor:
+    """x-quantile of each row's CDF given on grid x; in the tails, invert F ~ C e^(a x) (or 1 - F ~ C e^(-b x))."""
+    j = torch.searchsorted(cdf, torch.full((cdf.shape[0], 1), p, dtype=cdf.dtype, device=cdf.device)).squeeze(1)
+    inside = (j > 0) & (j < cdf.shape[1])
+    jj = j.clamp(1, cdf.shape[1] - 1)
+    c0, c1 = cdf.gather(1, (jj - 1)[:, None]).squeeze(1), cdf.gather(1, jj[:, None]).squeeze(1)
+    frac = ((p - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+    xq = x[jj - 1] + frac * (x[jj] - x[jj - 1])
+    low_tail = x[0] + torch.log(torch.as_tensor(p, dtype=cdf.dtype) / cdf[:, 0].clamp_min(1e-300)) / a
+    high_tail = x[-1] - torch.log(torch.as_tensor(1 - p, dtype=cdf.dtype) / (1 - cdf[:, -1]).clamp_min(1e-300)) / b
+    return torch.where(inside, xq, torch.where(j == 0, low_tail, high_tail))
+
+
+def _golden_mode(logdens, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """Maximise a unimodal-on-the-bracket function per user in x; brackets [lo, hi] are vectors."""
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    fc, fd = logdens(c), logdens(d)
+    for _ in range(iters):
+        left = fc >= fd
+        hi = torch.where(left, d, hi)
+        lo = torch.where(left, lo, c)
+        c_new, d_new = hi - g * (hi - lo), lo + g * (hi - lo)
+        c, d = torch.where(left, c_new, d), torch.where(left, c, d_new)
+        f_new = logdens(torch.where(left, c, d))
+        fc, fd = torch.where(left, f_new, fc), torch.where(left, fc, f_new)
+    return 0.5 * (lo + hi)
+
+
+@torch.no_grad()
+def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float, b: float,
+                   mu: torch.Tensor, *, level: float = 0.90, tau: float | None = None) -> UserPosterior:
+    """Posterior summaries of eta_u for every user under Beta(a, b) and the given mu (no gradients)."""
+    dt, dev = plan.dtype if plan.dtype == torch.float64 else torch.float64, plan.device
+    mu = mu.to(dt)
+    U = plan.n_users
+    pa, pb = float(a), float(b)
+    prior = sstats.beta(pa, pb)
+    alpha = (1.0 - level) / 2.0
+    mean = np.full(U, prior.mean())
+    sd = np.full(U, prior.std())
+    lo, hi = np.full(U, prior.ppf(alpha)), np.full(U, prior.ppf(1 - alpha))
+    mode_x = np.full(U, np.nan)
+    bracket = np.zeros((U, 2))
+    p_above = np.full(U, prior.sf(tau)) if tau is not None else None
+    at, bt = torch.tensor(pa, dtype=dt, device=dev), torch.tensor(pb, dtype=dt, device=dev)
+    for bk in plan.buckets:
+        pattern = {"pair": bk.pattern_pair, "k": bk.k.to(dt), "n": bk.n.to(dt)}
+        xq, logw = gauss_jacobi(at, bt, bk.n_nodes)   # exact for E[eta], E[eta^2]: degree n + 2
+        M = _grid_size(2 * bk.n_nodes)
+        x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
+        h = x[1] - x[0]
+        log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
+        table = pattern_loglik(torch.sigmoid(x)[None, :], mu[pattern["pair"]][:, None],
+                               pattern["k"][:, None], pattern["n"][:, None])
+        tq = pattern_loglik(xq[None, :], mu[pattern["pair"]][:, None], pattern["k"][:, None], pattern["n"][:, None])
+        rows = max(1, MAX_ELEMENTS // M)
+        for start, inc in bk.row_chunks(rows):
+            inc = inc.to(dt)
+            users = bk.users[start:start + inc.shape[0]].cpu().numpy()
+            lq = torch.sparse.mm(inc, tq) + logw
+            wq = torch.softmax(lq, dim=1)
+            m1 = (wq * xq).sum(1)
+            m2 = (wq * xq * xq).sum(1)
+            mean[users] = m1.cpu().numpy()
+            sd[users] = (m2 - m1 * m1).clamp_min(0).sqrt().cpu().numpy()
+            ell = torch.sparse.mm(inc, table) + pa * log_eta + pb * log_1m      # log density in x (unnormalised)
+            top = ell.max(dim=1, keepdim=True).values
+            d = torch.exp(ell - top)
+            tail_lo, tail_hi = d[:, 0] / pa, d[:, -1] / pb
+            cum = torch.cat([torch.zeros_like(d[:, :1]), torch.cumsum(0.5 * (d[:, 1:] + d[:, :-1]) * h, 1)], 1)
+            total = tail_lo + cum[:, -1] + tail_hi
+            cdf = (tail_lo[:, None] + cum) / total[:, None]
+            lo[users] = torch.sigmoid(_quantile(cdf, x, alpha, pa, pb)).cpu().numpy()
+            hi[users] = torch.sigmoid(_quantile(cdf, x, 1 - alpha, pa, pb)).cpu().numpy()
+            if tau is not None:
+                xt = math.log(tau / (1 - tau))
+                j = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
+                f = (xt - x[j - 1]) / h
+                p_above[users] = (1 - (cdf[:, j - 1] * (1 - f) + cdf[:, j] * f)).clamp(0, 1).cpu().numpy()
+            g = ell - log_eta - log_1m                                            # log density in eta
+            j = g.argmax(dim=1)
+            mode_x[users] = x[j].cpu().numpy()
+            bracket[users, 0] = x[(j - 1).clamp_min(0)].cpu().numpy()
+            bracket[users, 1] = x[(j + 1).clamp_max(M - 1)].cpu().numpy()
+    mode = _refine_modes(plan, cells, pa, pb, mu, mode_x, bracket, dt)
+    return UserPosterior(mean=mean, mode=mode, lo=np.minimum(lo, mean), hi=np.maximum(hi, mean), sd=sd,
+                         prob_above=p_above)
+
+
+def _refine_modes(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float, b: float, mu: torch.Tensor,
+                  mode_x: np.ndarray, bracket: np.ndarray, dt: torch.dtype) -> np.ndarray:
+    """Golden-section refinement of the grid mode; a mode at the grid's edge is taken as 0 or 1."""
+    U = plan.n_users
+    prior_mode = ((a - 1) / (a + b - 2)) if (a > 1 and b > 1) else (0.0 if a <= b else 1.0)
+    mode = np.full(U, prior_mode)
+    has = ~np.isnan(mode_x)
+    edge_lo, edge_hi = mode_x <= -X_EDGE + 1e-9, mode_x >= X_EDGE - 1e-9
+    interior = has & ~edge_lo & ~edge_hi
+    mode[has & edge_lo] = 0.0
+    mode[has & edge_hi] = 1.0
+    if interior.any():
+        dev = mu.device
+        cu, cp = cells["cell_user"], cells["cell_pair"]
+        k, n = cells["k"].to(dt), cells["n"].to(dt)
+
+        def logdens(xu: torch.Tensor) -> torch.Tensor:
+            eta = torch.sigmoid(xu)
+            ll = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, pattern_loglik(eta[cu], mu[cp], k, n))
+            return ll + (a - 1) * torch.nn.functional.logsigmoid(xu) + (b - 1) * torch.nn.functional.logsigmoid(-xu)
+
+        lo = torch.as_tensor(bracket[:, 0], dtype=dt, device=dev)
+        hi = torch.as_tensor(bracket[:, 1], dtype=dt, device=dev)
+        xm = _golden_mode(logdens, lo, hi).cpu().numpy()
+        mode[interior] = 1.0 / (1.0 + np.exp(-xm[interior]))
+    return mode

@@ -1,0 +1,93 @@
+"""What a fit of the globals returns, and their intervals from the curvature of the objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats as sstats
+
+from heedful.inference.globals import GlobalSpec
+
+ProgressFn = Callable[[int, float], None]
+
+
+@dataclass
+class GlobalFit:
+    """Point estimates of the globals, the covariance of theta, and how the optimiser ended."""
+
+    a: float
+    b: float
+    mu: np.ndarray
+    theta: np.ndarray
+    cov: np.ndarray | None          # covariance of theta (inverse Hessian of -objective)
+    objective: float                # the maximised objective (log-likelihood + log-priors)
+    log_likelihood: float           # the exact marginal log-likelihood at the estimates
+    iterations: int
+    converged: bool
+    warnings: list[str] = field(default_factory=list)
+    eta_map: np.ndarray | None = None   # EM's per-user MAP of eta
+    spec: GlobalSpec | None = None      # which parameters theta holds
+
+
+def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, step: float = 1e-5) -> np.ndarray:
+    """Symmetrised central differences of an exact gradient: H_ij = d g_i / d theta_j."""
+    n = theta.numel()
+    H = np.zeros((n, n))
+    for j in range(n):
+        e = torch.zeros_like(theta)
+        e[j] = step
+        H[:, j] = ((grad_fn(theta + e) - grad_fn(theta - e)) / (2 * step)).detach().cpu().numpy()
+    return 0.5 * (H + H.T)
+
+
+def covariance(H: np.ndarray, names: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """Inverse of the Hessian of -objective, or None with a warning when it is not positive definite."""
+    if H.size == 0:
+        return np.zeros((0, 0)), []
+    w, V = np.linalg.eigh(H)
+    if not np.all(np.isfinite(w)) or w.min() <= 1e-10 * max(1.0, abs(w).max()):
+        flat = V[:, int(np.argmin(w))]
+        worst = names[int(np.argmax(np.abs(flat)))]
+        return None, [f"the likelihood is flat or curved the wrong way along {worst}: the globals are not "
+                      "identified from these votes (fix mu, add a prior, or add gold votes)"]
+    return (V / w) @ V.T, []
+
+
+def global_intervals(fit: GlobalFit, level: float = 0.90) -> dict:
+    """Central intervals: normal on theta (log a, log b, logit mu), mapped back; delta method for a + b."""
+    spec = fit.spec
+    z = float(sstats.norm.ppf(0.5 + level / 2))
+    sd = np.sqrt(np.clip(np.diag(fit.cov), 0, None)) if fit.cov is not None else np.full(len(fit.theta), np.nan)
+    out: dict = {"mu": [], "eta_prior": {}}
+    i = 0
+    if spec.eta_fixed is None:
+        la, lb = fit.theta[0], fit.theta[1]
+        out["eta_prior"] = {
+            "a_lo": float(np.exp(la - z * sd[0])), "a_hi": float(np.exp(la + z * sd[0])),
+            "b_lo": float(np.exp(lb - z * sd[1])), "b_hi": float(np.exp(lb + z * sd[1])),
+        }
+        if fit.cov is not None:
+            # mean m = a/(a+b): logit m = log a - log b; concentration: log(a+b)
+            g_m = np.array([1.0, -1.0])
+            sd_m = float(np.sqrt(g_m @ fit.cov[:2, :2] @ g_m))
+            g_c = np.array([fit.a, fit.b]) / (fit.a + fit.b)
+            sd_c = float(np.sqrt(g_c @ fit.cov[:2, :2] @ g_c))
+        else:
+            sd_m = sd_c = np.nan
+        lm, lc = la - lb, np.log(fit.a + fit.b)
+        out["eta_prior"].update({
+            "mean_lo": float(1 / (1 + np.exp(-(lm - z * sd_m)))), "mean_hi": float(1 / (1 + np.exp(-(lm + z * sd_m)))),
+            "concentration_lo": float(np.exp(lc - z * sd_c)), "concentration_hi": float(np.exp(lc + z * sd_c)),
+        })
+        i = 2
+    for p in range(spec.n_pairs):
+        if spec.free_mu[p]:
+            t, s = fit.theta[i], sd[i]
+            out["mu"].append((float(1 / (1 + np.exp(-(t - z * s)))), float(1 / (1 + np.exp(-(t + z * s))))))
+            i += 1
+        else:
+            out["mu"].append((float(spec.mu_known[p]), float(spec.mu_known[p])))
+    return out
