@@ -1,0 +1,385 @@
+"""Per-user filtering of votes for DPO, with an audit line for every input row.
+
+Rules (exactly one):
+- ``min_eta``: keep user u when eta_hat_u >= X (eta_hat: the fit's posterior mode, or EM's MAP);
+- ``min_prob`` + ``tau``: keep u when P(eta_u > tau | y_u) >= p;
+- ``keep_fraction``: rank users by eta_mean_u (ties: eta_hat, user_id) and keep the smallest top set
+  whose exportable votes reach a fraction F of all exportable votes.
+
+Each input row gets one audit line: ``kept``, or ``dropped`` with the first reason that applies, in the
+order of :data:`REASONS`.
+
+Per kept vote: epsilon_u = E[(1 - eta_u) / 2 | y_u] = (1 - eta_mean_u) / 2, the probability that a
+coin-flip casual label disagrees with the truth (rDPO's flip rate). The posterior mean, not the mode,
+because the mode sits at 0 or 1 for many users and would claim noise-free labels.
+
+P(eta_u > tau | y_u) is recomputed from the votes given here, the fit's mu (params.json) and its
+Beta(a, b) prior: p(eta | y_u) ~ Beta(eta; a, b) prod_n (eta m_n + (1 - eta) / 2), with
+m_n = P(the picked answer is truly better) = mu_AB when A was picked, 1 - mu_AB otherwise; integrated
+on a grid in x = logit(eta), tails beyond |x| = 20 in closed form.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from heedful.errors import InputError
+from heedful.votes import CHOICES, REQUIRED, SIDES
+
+REASONS = (
+    "invalid row",
+    "duplicate vote id",
+    "tie",
+    "missing text",
+    "multi-turn",
+    "user not in fit",
+    "user below threshold",
+)
+TEXT = ("prompt", "response_a", "response_b")
+MESSAGES = ("messages_a", "messages_b")
+X_EDGE, GRID = 20.0, 2001
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What filtering needs from a fit: per-user eta, per-pair mu (P(model_a better)), the eta prior."""
+
+    users: pd.DataFrame
+    pairs: pd.DataFrame
+    eta_prior: tuple[float, float]
+    warnings: tuple[str, ...] = ()
+
+
+def load_fit(outdir: str | Path) -> Fit:
+    """Read OUTDIR/users.parquet and OUTDIR/params.json written by ``heedful fit``."""
+    outdir = Path(outdir)
+    up, pp = outdir / "users.parquet", outdir / "params.json"
+    for p in (up, pp):
+        if not p.exists():
+            raise InputError(f"{p}: no such file; run `heedful fit VOTES -o {outdir}` first")
+    users = pd.read_parquet(up)
+    need = {"user_id", "eta_hat", "eta_mean"} - set(users.columns)
+    if need:
+        raise InputError(f"{up}: missing column(s) {', '.join(sorted(need))}")
+    try:
+        params = json.loads(pp.read_text(encoding="utf-8"))
+        pairs = pd.DataFrame(params["mu"], columns=None)[["model_a", "model_b", "mu"]]
+        prior = (float(params["eta_prior"]["a"]), float(params["eta_prior"]["b"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{pp}: not a heedful params.json ({type(e).__name__}: {e})") from e
+    casual = params.get("casual") or (params.get("behaviour") or {}).get("casual") or "uniform"
+    warn = (
+        ()
+        if casual == "uniform"
+        else (
+            f"the fit models casual users as {casual!r}; P(eta > tau) and weights here assume "
+            "coin-flip casual picks",
+        )
+    )
+    return Fit(users=users, pairs=pairs, eta_prior=prior, warnings=warn)
+
+
+def fit_of(model) -> Fit:
+    """The :class:`Fit` of a fitted :class:`heedful.inference.Attentiveness` (no files needed)."""
+    ep = model.eta_prior_
+    return Fit(
+        users=model.users_,
+        pairs=model.pairs_[["model_a", "model_b", "mu"]],
+        eta_prior=(float(ep["a"]), float(ep["b"])),
+    )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which users to keep; set exactly one of ``min_eta``, ``min_prob`` (with ``tau``), ``keep_fraction``."""
+
+    min_eta: float | None = None
+    min_prob: float | None = None
+    tau: float | None = None
+    keep_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("min_eta", "min_prob", "keep_fraction") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise InputError(
+                "choose exactly one of --min-eta, --min-prob (with --tau) or --keep-fraction"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if (self.min_prob is None) != (self.tau is None):
+            raise InputError("--min-prob and --tau go together: keep users with P(eta > tau) >= min-prob")
+        ranges = {
+            "min_eta": (0.0, 1.0, "[0, 1]"),
+            "min_prob": (0.0, 1.0, "[0, 1]"),
+            "tau": (1e-300, 1.0 - 1e-16, "(0, 1)"),
+            "keep_fraction": (1e-300, 1.0, "(0, 1]"),
+        }
+        for name, (lo, hi, text) in ranges.items():
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+                raise InputError(f"--{name.replace('_', '-')} must lie in {text}, got {v}")
+
+    def describe(self) -> str:
+        if self.min_eta is not None:
+            return f"eta_hat >= {self.min_eta:g}"
+        if self.min_prob is not None:
+            return f"P(eta > {self.tau:g}) >= {self.min_prob:g}"
+        return f"most attentive users holding {self.keep_fraction:.0%} of the votes"
+
+
+@dataclass
+class Filtered:
+    """Kept votes (the contract's columns + eta_hat, eta_mean, epsilon[, weight]), the audit, counts."""
+
+    kept: pd.DataFrame
+    audit: pd.DataFrame
+    counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+    labels_only: bool = False
+
+
+def _blank(df: pd.DataFrame, col: str) -> np.ndarray:
+    if col not in df.columns:
+        return np.ones(len(df), dtype=bool)
+    s = df[col]
+    text = s.astype("string")
+    blank = (s.isna() | (text.str.strip() == "")).to_numpy(dtype=bool, na_value=True)
+    return blank
+
+
+def _norm(df: pd.DataFrame, col: str) -> pd.Series:
+    return df[col].astype("string").str.strip().str.lower()
+
+
+def _invalid(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that break the vote contract, and a short note saying why (first failing check)."""
+    checks: list[tuple[np.ndarray, str]] = [(_blank(df, c), f"empty {c}") for c in REQUIRED]
+    checks.append(
+        (~_norm(df, "choice").isin(CHOICES).to_numpy(dtype=bool, na_value=False), "choice not a/b/tie")
+    )
+    same = df.model_a.astype("string").str.strip() == df.model_b.astype("string").str.strip()
+    checks.append((same.to_numpy(dtype=bool, na_value=False), "model_a equals model_b"))
+    for c in ("shown_first", "gold"):
+        if c in df.columns:
+            ok = _norm(df, c).isin(SIDES).to_numpy(dtype=bool, na_value=False) | _blank(df, c)
+            checks.append((~ok, f"{c} not a/b"))
+    if "vote_id" in df.columns:
+        checks.append((_blank(df, "vote_id"), "empty vote_id"))
+    masks = np.stack([m for m, _ in checks])
+    bad = masks.any(0)
+    note = np.select(list(masks), [n for _, n in checks], default="")
+    return bad, note.astype(object)
+
+
+def _text_mode(df: pd.DataFrame) -> str:
+    """'text' (prompt/response columns), 'messages' (only messages_a/b) or 'none' (labels only)."""
+    have = [c for c in TEXT if c in df.columns]
+    if have and len(have) < 3:
+        raise InputError(
+            f"votes have {', '.join(have)} but not {', '.join(c for c in TEXT if c not in have)}; "
+            "the DPO export needs prompt, response_a and response_b"
+        )
+    if have:
+        return "text"
+    return "messages" if all(c in df.columns for c in MESSAGES) else "none"
+
+
+def _pair_mu(df: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
+    """P(the row's model_a is truly better), from the fit's pairs in either orientation; NaN if unknown."""
+    fwd = pairs.rename(columns={"mu": "mu_a"})[["model_a", "model_b", "mu_a"]]
+    rev = pd.DataFrame({"model_a": pairs.model_b, "model_b": pairs.model_a, "mu_a": 1.0 - pairs.mu})
+    table = (
+        pd.concat([fwd, rev]).drop_duplicates(["model_a", "model_b"]).astype({"model_a": str, "model_b": str})
+    )
+    key = pd.DataFrame(
+        {"model_a": df.model_a.astype(str).str.strip(), "model_b": df.model_b.astype(str).str.strip()}
+    )
+    return key.merge(table, on=["model_a", "model_b"], how="left").mu_a.to_numpy(dtype=float)
+
+
+def posterior_grid(
+    user: np.ndarray,
+    m: np.ndarray,
+    n_users: int,
+    a: float,
+    b: float,
+    tau: float | None = None,
+    chunk: int = 2000,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Posterior mean of eta_u and P(eta_u > tau) given votes with m_n = P(picked answer truly better).
+
+    p(eta | y_u) ~ eta^(a-1) (1-eta)^(b-1) prod_n (eta m_n + (1 - eta)/2); in x = logit(eta) the density
+    is L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b, integrated by the trapezoid rule on [-20, 20] with
+    the tails (~ e^(a x), e^(-b x)) added in closed form.
+    """
+    uniq, j = np.unique(np.round(m, 12), return_inverse=True)
+    counts = sparse.csr_matrix((np.ones(len(user)), (user, j)), shape=(n_users, len(uniq)))
+    x = np.linspace(-X_EDGE, X_EDGE, GRID)
+    h = x[1] - x[0]
+    eta = 1.0 / (1.0 + np.exp(-x))
+    table = np.log(eta[None, :] * uniq[:, None] + (1.0 - eta[None, :]) / 2.0)  # (J, G)
+    log_prior = a * -np.logaddexp(0, -x) + b * -np.logaddexp(0, x)
+    mean = np.empty(n_users)
+    above = np.empty(n_users) if tau is not None else None
+    if tau is not None:
+        xt = math.log(tau / (1 - tau))
+        k = int(np.clip(np.searchsorted(x, xt), 1, GRID - 1))
+        f = (xt - x[k - 1]) / h
+    for s in range(0, n_users, chunk):
+        ell = (counts[s : s + chunk] @ table) + log_prior
+        d = np.exp(ell - ell.max(axis=1, keepdims=True))
+        lo_tail, hi_tail = d[:, 0] / a, d[:, -1] / b
+        cum = np.concatenate(
+            [np.zeros((len(d), 1)), np.cumsum(0.5 * (d[:, 1:] + d[:, :-1]) * h, axis=1)], axis=1
+        )
+        total = lo_tail + cum[:, -1] + hi_tail
+        de = d * eta
+        m1 = np.trapezoid(de, dx=h, axis=1) + d[:, 0] * eta[0] / (a + 1) + hi_tail
+        mean[s : s + chunk] = m1 / total
+        if above is not None:
+            cdf_t = lo_tail + cum[:, k - 1] * (1 - f) + cum[:, k] * f
+            above[s : s + chunk] = np.clip(1 - cdf_t / total, 0, 1)
+    return mean, above
+
+
+def _keep_users(
+    rule: Rule, users: pd.DataFrame, votes_per_user: pd.Series, prob: pd.Series | None
+) -> pd.Index:
+    if rule.min_eta is not None:
+        return pd.Index(users.user_key[users.eta_hat >= rule.min_eta])
+    if rule.min_prob is not None:
+        return pd.Index(prob.index[prob.to_numpy() >= rule.min_prob])
+    ranked = users.assign(n=users.user_key.map(votes_per_user).fillna(0)).sort_values(
+        ["eta_mean", "eta_hat", "user_key"], ascending=[False, False, True]
+    )
+    total = ranked.n.sum()
+    before = ranked.n.cumsum() - ranked.n
+    return pd.Index(ranked.user_key[before < rule.keep_fraction * total - 1e-9])
+
+
+def filter_votes(
+    votes: pd.DataFrame, fit: Fit, rule: Rule, *, conversational: bool = False, weights: bool = False
+) -> Filtered:
+    """Audit every row and keep the non-tie votes with text of the users the rule keeps.
+
+    ``weights=True`` adds w_n = P(z_n = 1 | y_n, eta_u = eta_mean_u) = eta m_n / (eta m_n + (1 - eta) / 2).
+    It is larger when the user picked the stronger model, so weighting by it writes the model prior
+    into the labels (see docs/filtering.md); it is off unless asked for.
+    """
+    missing = [c for c in REQUIRED if c not in votes.columns]
+    if missing:
+        raise InputError(
+            f"votes: missing column(s) {', '.join(missing)}; found {', '.join(map(str, votes.columns))}"
+        )
+    df = votes.reset_index(drop=True)
+    n = len(df)
+    mode = _text_mode(df)
+    warnings = list(fit.warnings)
+    invalid, note = _invalid(df)
+    dup = np.zeros(n, dtype=bool)
+    if "vote_id" in df.columns:
+        vid = df.vote_id.astype("string").where(~invalid)
+        dup = (vid.duplicated(keep="first") & vid.notna()).to_numpy(dtype=bool)
+    choice = _norm(df, "choice").fillna("").to_numpy(dtype=object)
+    tie = choice == "tie"
+    if mode == "text":
+        no_text = _blank(df, "prompt") | _blank(df, "response_a") | _blank(df, "response_b")
+        if conversational and all(c in df.columns for c in MESSAGES):
+            no_text &= _blank(df, "messages_a") | _blank(df, "messages_b")
+    elif mode == "messages":
+        no_text = _blank(df, "messages_a") | _blank(df, "messages_b") | (not conversational)
+    else:
+        no_text = np.zeros(n, dtype=bool)
+        warnings.append(
+            "the votes carry no prompt/response_a/response_b columns: the export holds labels and "
+            "ids only (prompt, chosen, rejected are empty); join the texts by vote_id before training"
+        )
+    multi = np.zeros(n, dtype=bool)
+    if not conversational and "turn" in df.columns:
+        multi = pd.to_numeric(df.turn, errors="coerce").fillna(1).to_numpy() > 1
+    key = df.user_id.astype("string").str.strip().fillna("")
+    users = fit.users.assign(user_key=fit.users.user_id.astype("string").str.strip())
+    in_fit = key.isin(set(users.user_key)).to_numpy()
+
+    valid = ~invalid & ~dup
+    scored = valid & ~tie & in_fit  # votes in the user's likelihood
+    candidate = scored & ~no_text & ~multi
+    mu_a = np.full(n, np.nan)
+    mu_a[scored] = _pair_mu(df[scored], fit.pairs)
+    unknown = scored & np.isnan(mu_a)
+    if unknown.any():
+        warnings.append(
+            f"{int(unknown.sum())} votes are on pairs the fit does not know; mu = 1/2 taken for them"
+        )
+    m = np.where(choice == "a", mu_a, 1.0 - mu_a)
+    m = np.where(np.isnan(m), 0.5, m)
+
+    prob = None
+    if rule.min_prob is not None:
+        codes, uniq = pd.factorize(pd.concat([users.user_key, key[scored]]), sort=False)
+        u_codes = codes[len(users) :]
+        mean, above = posterior_grid(u_codes, m[scored], len(uniq), *fit.eta_prior, tau=rule.tau)
+        prob = pd.Series(above[: len(users)], index=users.user_key.to_numpy())
+        gap = np.abs(mean[: len(users)] - users.eta_mean.to_numpy())
+        if len(gap) and np.nanmax(gap) > 0.02:
+            warnings.append(
+                f"posterior means from these votes differ from the fit's eta_mean by up to "
+                f"{np.nanmax(gap):.3f}: were these the votes the fit saw?"
+            )
+    per_user = key[candidate].value_counts()
+    keep = key.isin(_keep_users(rule, users, per_user, prob)).to_numpy()
+
+    conds = [invalid, dup, tie, no_text, multi, ~in_fit, ~keep]
+    reason = np.select(conds, list(REASONS), default="")
+    kept_mask = reason == ""
+    eta_hat = key.map(users.set_index("user_key").eta_hat).to_numpy(dtype=float)
+    eta_mean = key.map(users.set_index("user_key").eta_mean).to_numpy(dtype=float)
+    vote_id = (
+        df.vote_id.astype("string")
+        if "vote_id" in df.columns
+        else pd.Series(np.arange(n).astype(str), dtype="string")
+    )
+    audit = pd.DataFrame(
+        {
+            "row": np.arange(n),
+            "vote_id": vote_id.to_numpy(dtype=object),
+            "user_id": df.user_id.to_numpy(),
+            "choice": choice,
+            "status": np.where(kept_mask, "kept", "dropped").astype(object),
+            "reason": pd.Series(reason, dtype=object).where(~kept_mask, None).to_numpy(),
+            "detail": np.where(invalid, note, None),
+            "eta_hat": eta_hat,
+            "eta_mean": eta_mean,
+        }
+    )
+    if prob is not None:
+        audit["prob_above"] = key.map(prob).to_numpy(dtype=float)
+    eps = (1.0 - eta_mean) / 2.0
+    kept = df[kept_mask].copy()
+    kept.insert(0, "row", np.flatnonzero(kept_mask))
+    kept["vote_id"] = vote_id[kept_mask].to_numpy(dtype=object)
+    kept["choice"] = choice[kept_mask]
+    kept["eta_hat"], kept["eta_mean"], kept["epsilon"] = (
+        eta_hat[kept_mask],
+        eta_mean[kept_mask],
+        eps[kept_mask],
+    )
+    if weights:
+        w = eta_mean * m / (eta_mean * m + (1.0 - eta_mean) / 2.0)
+        audit["weight"] = np.where(scored, w, np.nan)
+        kept["weight"] = w[kept_mask]
+    counts = {"rows": n, "kept": int(kept_mask.sum())}
+    counts.update({r: int((reason == r).sum()) for r in REASONS})
+    return Filtered(
+        kept=kept.reset_index(drop=True),
+        audit=audit,
+        counts=counts,
+        warnings=warnings,
+        labels_only=mode == "none",
+    )
