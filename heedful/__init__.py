@@ -4,4 +4,11 @@ Pipeline: votes (:mod:`heedful.votes`) -> sufficient statistics (:mod:`heedful.s
 (:mod:`heedful.inference`, model in :mod:`heedful.model`) -> per-user posterior -> filter -> export.
 """
 
+import os
+
+# OpenMP threads that spin while waiting make small tensor ops up to 100x slower when the cores are
+# shared with other work; passive waiting costs nothing measurable when they are not. Must be set
+# before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

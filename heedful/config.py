@@ -5,7 +5,13 @@
 eta = "Beta(3, 5)"      # a fixed prior; "learn" (default) estimates a and b
 
 [behaviour]
-casual = "uniform"      # coin-flip casual users
+casual = "uniform"      # coin-flip casual users; "position": they pick the first-shown answer
+rho = "learn"           #   with probability rho ("learn", a number, or a prior "Beta(2, 2)")
+
+[generators]            # optional
+mu = "pairs"            # one mu per pair; "strengths": mu_AB = sigmoid(s_A - s_B)
+reference = "llama-13b" # the model whose strength is 0 (default: the first in alphabetical order)
+strength_prior = "Normal(0, 3)"   # optional, on every other strength
 
 [[pairs]]               # pairs not listed are learned
 model_a = "gpt-4"
@@ -27,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heedful.errors import ConfigError
-from heedful.model.priors import beta_of
+from heedful.model.priors import beta_of, parse_distribution
 
-_SECTIONS = {"population", "behaviour", "pairs", "fit"}
+_SECTIONS = {"population", "behaviour", "generators", "pairs", "fit"}
 _FIT_KEYS = {"tol": float, "max_iter": int, "mu_interval_warn": float, "casual_threshold": float}
 
 
@@ -57,6 +63,11 @@ class Priors:
 
     eta: tuple[float, float] | None = None
     casual: str = "uniform"
+    rho: float | None = None                      # known position bias (casual = "position")
+    rho_prior: tuple[float, float] = (1.0, 1.0)   # Beta prior on a learned rho
+    mu_model: str = "pairs"
+    reference: str | None = None
+    strength_sd: float = 0.0                      # Normal(0, sd) prior on strengths; 0: none
     pairs: tuple[PairPrior, ...] = ()
     tol: float = 1e-9
     max_iter: int = 500
@@ -67,8 +78,12 @@ class Priors:
     def __post_init__(self) -> None:
         if self.eta is not None and not all(v > 0 and math.isfinite(v) for v in self.eta):
             raise ConfigError(f"population eta prior Beta{self.eta}: a and b must be positive")
-        if self.casual != "uniform":
-            raise ConfigError(f"behaviour.casual = {self.casual!r}: this version supports only \"uniform\"")
+        if self.casual not in ("uniform", "position"):
+            raise ConfigError(f"behaviour.casual = {self.casual!r}: use \"uniform\" or \"position\"")
+        if self.rho is not None and not 0 < self.rho < 1:
+            raise ConfigError(f"behaviour.rho = {self.rho}: a known rho must lie strictly between 0 and 1")
+        if self.mu_model not in ("pairs", "strengths"):
+            raise ConfigError(f"generators.mu = {self.mu_model!r}: use \"pairs\" or \"strengths\"")
         if not (self.tol > 0 and self.max_iter >= 1 and 0 < self.mu_interval_warn <= 1):
             raise ConfigError("fit settings: tol > 0, max_iter >= 1 and 0 < mu_interval_warn <= 1")
         seen = set()
@@ -114,7 +129,9 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
     pop = doc.get("population", {})
     beh = doc.get("behaviour", {})
     fit = doc.get("fit", {})
-    for name, sec, keys in (("population", pop, {"eta"}), ("behaviour", beh, {"casual"}),
+    gen = doc.get("generators", {})
+    for name, sec, keys in (("population", pop, {"eta"}), ("behaviour", beh, {"casual", "rho"}),
+                            ("generators", gen, {"mu", "reference", "strength_prior"}),
                             ("fit", fit, set(_FIT_KEYS))):
         if not isinstance(sec, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
@@ -138,8 +155,31 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
     casual = beh.get("casual", "uniform")
     if not isinstance(casual, str):
         raise ConfigError(f"{source}: behaviour.casual must be a string")
-    return Priors(eta=eta, casual=casual, pairs=tuple(_pair(e, i) for i, e in enumerate(pairs)),
-                  source=source, **settings)
+    rho, rho_prior = None, (1.0, 1.0)
+    rho_v = beh.get("rho", "learn")
+    if isinstance(rho_v, bool):
+        raise ConfigError(f"{source}: behaviour.rho must be \"learn\", a number or \"Beta(a, b)\"")
+    if isinstance(rho_v, (int, float)):
+        rho = float(rho_v)
+    elif isinstance(rho_v, str) and rho_v.strip().lower() != "learn":
+        rho_prior = beta_of(rho_v, "behaviour.rho")
+    elif not isinstance(rho_v, str):
+        raise ConfigError(f"{source}: behaviour.rho must be \"learn\", a number or \"Beta(a, b)\"")
+    if (rho is not None or rho_prior != (1.0, 1.0)) and casual != "position":
+        raise ConfigError(f"{source}: behaviour.rho is set but behaviour.casual is not \"position\"")
+    mu_model = gen.get("mu", "pairs")
+    reference = gen.get("reference")
+    if not isinstance(mu_model, str) or (reference is not None and not isinstance(reference, str)):
+        raise ConfigError(f"{source}: generators.mu and generators.reference must be strings")
+    strength_sd = 0.0
+    if "strength_prior" in gen:
+        name, args = parse_distribution(gen["strength_prior"])
+        if name != "Normal" or args[0] != 0:
+            raise ConfigError(f"{source}: generators.strength_prior must be \"Normal(0, sd)\"")
+        strength_sd = args[1]
+    return Priors(eta=eta, casual=casual, rho=rho, rho_prior=rho_prior, mu_model=mu_model.strip().lower(),
+                  reference=reference, strength_sd=strength_sd,
+                  pairs=tuple(_pair(e, i) for i, e in enumerate(pairs)), source=source, **settings)
 
 
 def load_priors(path: str | Path | None) -> Priors:

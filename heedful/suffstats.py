@@ -1,9 +1,18 @@
-"""Sufficient statistics: vote counts per (user, pair), built once and vectorised.
+"""Sufficient statistics: vote counts per (user, kind), built once and vectorised.
 
 A pair is stored in canonical order (``model_a < model_b`` as strings), whatever order the votes list
-the two models in; ``y = 1`` means the vote picked the canonical ``model_a``. Given eta_u, user u's
-likelihood depends on the votes only through the cells (u, p): ``k_up`` canonical-A picks out of
-``n_up`` non-tie votes. Ties are counted per user and per pair and left out of the likelihood.
+the two models in. Every non-tie vote has a *kind*: its pair, whether it picked the canonical model_a,
+whether it picked the answer shown first (``first``: 0 unknown, 1 the first-shown, 2 the second-shown),
+and its gold label (``gold``: 0 none, 1 agrees with the pick, 2 disagrees). Given eta_u, a vote's
+likelihood depends only on its kind:
+
+    P(y_n | eta_u) = c_kind + eta_u (m_kind - c_kind)
+    m_kind = P(pick | attentive) = mu_p or 1 - mu_p (no gold), 1 or 0 (gold agrees / disagrees)
+    c_kind = P(pick | casual)    = 1/2 (order unknown), rho (picked first-shown), 1 - rho (second)
+
+so user u enters only through the cells (u, kind) with their counts. Gold labels also inform mu_p
+directly (t_n is observed): per pair, ``gold_a`` of ``gold_n`` gold labels say canonical A is better.
+Ties are counted per user and per pair and left out of the likelihood (their gold labels still count).
 """
 
 from __future__ import annotations
@@ -16,20 +25,42 @@ import torch
 
 from heedful.votes import validate_votes
 
+N_FIRST, N_GOLD = 3, 3
+KINDS_PER_PAIR = 2 * N_FIRST * N_GOLD
+
+
+def kind_id(pair: np.ndarray, pick_a: np.ndarray, first: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    return ((pair * 2 + pick_a) * N_FIRST + first) * N_GOLD + gold
+
 
 @dataclass(frozen=True)
 class VoteStats:
-    """Counts per (user, pair) cell; positions index ``users`` and ``pairs``."""
+    """Counts per (user, kind) cell; positions index ``users``, ``pairs`` and kinds."""
 
     users: pd.Index                  # user ids; position = user index
     pairs: list[tuple[str, str]]     # canonical (model_a, model_b), model_a < model_b
     cell_user: np.ndarray            # int64 [C]
-    cell_pair: np.ndarray            # int64 [C]
-    cell_k: np.ndarray               # int64 [C]: votes for the canonical model_a
-    cell_n: np.ndarray               # int64 [C]: non-tie votes
+    cell_kind: np.ndarray            # int64 [C]
+    cell_count: np.ndarray           # int64 [C]
+    gold_a: np.ndarray               # int64 [P]: gold labels saying canonical model_a is better
+    gold_n: np.ndarray               # int64 [P]: gold labels
     user_ties: np.ndarray            # int64 [U]
     pair_ties: np.ndarray            # int64 [P]
     n_rows: int
+
+    # -- kinds (all KINDS_PER_PAIR kinds of every pair exist; unused ones have no cells) -----------
+    @property
+    def n_kinds(self) -> int:
+        return self.n_pairs * KINDS_PER_PAIR
+
+    def kinds(self) -> dict[str, np.ndarray]:
+        k = np.arange(self.n_kinds)
+        return {"pair": k // KINDS_PER_PAIR, "pick_a": (k // (N_FIRST * N_GOLD)) % 2,
+                "first": (k // N_GOLD) % N_FIRST, "gold": k % N_GOLD}
+
+    @property
+    def cell_pair(self) -> np.ndarray:
+        return self.cell_kind // KINDS_PER_PAIR
 
     @property
     def n_users(self) -> int:
@@ -42,26 +73,39 @@ class VoteStats:
     @property
     def n_votes(self) -> int:
         """Non-tie votes (the ones in the likelihood)."""
-        return int(self.cell_n.sum())
+        return int(self.cell_count.sum())
 
     @property
     def n_ties(self) -> int:
         return int(self.user_ties.sum())
 
+    @property
+    def has_order(self) -> bool:
+        """Whether any vote says which answer was shown first."""
+        return bool(self.cell_count[self.kinds()["first"][self.cell_kind] > 0].sum() > 0)
+
+    @property
+    def n_gold(self) -> int:
+        return int(self.gold_n.sum())
+
     def user_votes(self) -> np.ndarray:
         """Non-tie votes per user, int64 [U]."""
-        return np.bincount(self.cell_user, weights=self.cell_n, minlength=self.n_users).astype(np.int64)
+        return np.bincount(self.cell_user, weights=self.cell_count, minlength=self.n_users).astype(np.int64)
 
     def pair_votes(self) -> np.ndarray:
         """Non-tie votes per pair, int64 [P]."""
-        return np.bincount(self.cell_pair, weights=self.cell_n, minlength=self.n_pairs).astype(np.int64)
+        return np.bincount(self.cell_pair, weights=self.cell_count, minlength=self.n_pairs).astype(np.int64)
 
     def pair_a_votes(self) -> np.ndarray:
         """Votes for the canonical model_a per pair, int64 [P]."""
-        return np.bincount(self.cell_pair, weights=self.cell_k, minlength=self.n_pairs).astype(np.int64)
+        pick_a = self.kinds()["pick_a"][self.cell_kind]
+        return np.bincount(self.cell_pair, weights=self.cell_count * pick_a, minlength=self.n_pairs).astype(np.int64)
 
     def pair_labels(self) -> list[str]:
         return [f"{a} vs {b}" for a, b in self.pairs]
+
+    def models(self) -> list[str]:
+        return sorted({m for p in self.pairs for m in p})
 
     def pair_index(self, model_a: str, model_b: str) -> tuple[int, bool] | None:
         """Index of the pair {model_a, model_b} and whether (model_a, model_b) is the reversed order."""
@@ -73,12 +117,15 @@ class VoteStats:
             return None
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Cell arrays as tensors on ``device``; counts in ``dtype`` (exact in float64 up to 2**53)."""
+        """Cells and kinds as tensors on ``device``; counts in ``dtype`` (exact in float64 up to 2**53)."""
+        kinds = self.kinds()
         return {
             "cell_user": torch.as_tensor(self.cell_user, device=device),
-            "cell_pair": torch.as_tensor(self.cell_pair, device=device),
-            "k": torch.as_tensor(self.cell_k, device=device, dtype=dtype),
-            "n": torch.as_tensor(self.cell_n, device=device, dtype=dtype),
+            "cell_kind": torch.as_tensor(self.cell_kind, device=device),
+            "count": torch.as_tensor(self.cell_count, device=device, dtype=dtype),
+            **{f"kind_{k}": torch.as_tensor(v, device=device) for k, v in kinds.items()},
+            "gold_a": torch.as_tensor(self.gold_a, device=device, dtype=dtype),
+            "gold_n": torch.as_tensor(self.gold_n, device=device, dtype=dtype),
         }
 
 
@@ -93,28 +140,44 @@ def canonical_pairs(model_a: pd.Series, model_b: pd.Series) -> tuple[np.ndarray,
     return codes.astype(np.int64), [tuple(map(str, t)) for t in uniques], flipped
 
 
+def _side(votes: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(known, is_a) for an optional a/b column in the row's own orientation."""
+    if col not in votes.columns:
+        z = np.zeros(len(votes), dtype=bool)
+        return z, z
+    v = votes[col].to_numpy(dtype=object)
+    return (v == "a") | (v == "b"), v == "a"
+
+
 def vote_stats(votes: pd.DataFrame, *, validated: bool = False) -> VoteStats:
-    """Count votes per (user, pair) cell, with no Python loop over votes or users."""
+    """Count votes per (user, kind) cell, with no Python loop over votes or users."""
     if not validated:
         votes = validate_votes(votes)
     user_code, users = pd.factorize(votes["user_id"], sort=False)
     pair_code, pairs, flipped = canonical_pairs(votes["model_a"], votes["model_b"])
     choice = votes["choice"].to_numpy(dtype=object)
     tie = choice == "tie"
-    picked_a = (choice == "a") ^ flipped          # picked the canonical model_a
+    pick_a = (choice == "a") ^ flipped               # picked the canonical model_a
+    order_known, row_a_first = _side(votes, "shown_first")
+    a_first = row_a_first ^ flipped                  # canonical model_a shown first
+    first = np.where(order_known, np.where(pick_a == a_first, 1, 2), 0)
+    gold_known, row_gold_a = _side(votes, "gold")
+    gold_canon_a = row_gold_a ^ flipped
+    gold = np.where(gold_known, np.where(gold_canon_a == pick_a, 1, 2), 0)
     n_users, n_pairs = len(users), len(pairs)
-    key = user_code.astype(np.int64) * n_pairs + pair_code
+    kind = kind_id(pair_code, pick_a.astype(np.int64), first, gold)
     live = ~tie
-    cells, inv = np.unique(key[live], return_inverse=True)
-    k = np.bincount(inv, weights=picked_a[live], minlength=len(cells)).astype(np.int64)
-    n = np.bincount(inv, minlength=len(cells)).astype(np.int64)
+    n_kinds = n_pairs * KINDS_PER_PAIR
+    key = user_code.astype(np.int64)[live] * n_kinds + kind[live]
+    cells, count = np.unique(key, return_counts=True)
     return VoteStats(
         users=pd.Index(users, name="user_id"),
         pairs=pairs,
-        cell_user=(cells // n_pairs).astype(np.int64),
-        cell_pair=(cells % n_pairs).astype(np.int64),
-        cell_k=k,
-        cell_n=n,
+        cell_user=(cells // n_kinds).astype(np.int64),
+        cell_kind=(cells % n_kinds).astype(np.int64),
+        cell_count=count.astype(np.int64),
+        gold_a=np.bincount(pair_code[gold_known & gold_canon_a], minlength=n_pairs).astype(np.int64),
+        gold_n=np.bincount(pair_code[gold_known], minlength=n_pairs).astype(np.int64),
         user_ties=np.bincount(user_code[tie], minlength=n_users).astype(np.int64),
         pair_ties=np.bincount(pair_code[tie], minlength=n_pairs).astype(np.int64),
         n_rows=len(votes),

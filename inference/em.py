@@ -1,10 +1,13 @@
 """The EM algorithm of the paper: MAP of every eta_u and of the free mu's, z as the missing data.
 
-Objective (never decreases):  sum_cells [k log q + (n - k) log(1 - q)] + sum_u log Beta(eta_u; a, b)
-                              + sum_p log Beta(mu_p; alpha_p, beta_p),    q = c + eta_u (mu_p - c).
-E-step, per cell: r_A = eta mu / q, r_B = eta (1 - mu) / (1 - q) (P(attentive | picked A / B)).
-M-step:  eta_u = (sum_p [k r_A + (n - k) r_B] + a - 1) / (n_u + a + b - 2)
-         mu_p  = (sum_u k r_A + alpha - 1) / (sum_u [k r_A + (n - k) r_B] + alpha + beta - 2).
+Objective (never decreases):  sum_cells count log(c + eta_u (m - c)) + sum_u log Beta(eta_u; a, b)
+                              + gold term + log-priors,
+with m, c the attentive and casual probabilities of the cell's kind (see :mod:`heedful.suffstats`).
+E-step, per cell: r = eta m / (c + eta (m - c)) = P(attentive | the pick).
+M-step:  eta_u = (sum_cells count r + a - 1) / (n_u + a + b - 2)
+         mu_p  = (A_p + gold_a + alpha - 1) / (A_p + B_p + gold_n + alpha + beta - 2),
+                 A_p, B_p = attentive picks of canonical A / B on votes without a gold label
+         rho   = casual picks of the first-shown answer / casual votes with a known order.
 The population prior (a, b) stays fixed (a, b >= 1 so that the MAP exists).
 """
 
@@ -12,28 +15,32 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from heedful.inference.globals import Globals, GlobalSpec, initial_mu
+from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
+from heedful.model.likelihood import QuadraturePlan, casual_prob, gold_loglik, log_marginal, vote_loglik
 
 from heedful.errors import InputError
-from heedful.inference.globals import GlobalSpec, initial_mu
-from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
-from heedful.model.likelihood import CASUAL, QuadraturePlan, log_marginal, pattern_loglik
 from heedful.suffstats import VoteStats
 
 EM_DEFAULT_PRIOR = (1.0, 1.0)
 
 
-def em_objective(eta: torch.Tensor, mu: torch.Tensor, a: float, b: float, spec: GlobalSpec,
+def em_objective(eta: torch.Tensor, g: Globals, spec: GlobalSpec, plan: QuadraturePlan,
                  cells: dict[str, torch.Tensor]) -> torch.Tensor:
-    ll = pattern_loglik(eta[cells["cell_user"]], mu[cells["cell_pair"]], cells["k"], cells["n"]).sum()
-    lp = (torch.xlogy(torch.as_tensor(a - 1.0, dtype=eta.dtype), eta)
-          + torch.xlogy(torch.as_tensor(b - 1.0, dtype=eta.dtype), 1 - eta)).sum()
-    return ll + lp + spec.log_mu_prior(mu)
+    kind = cells["cell_kind"]
+    m = plan.kinds.attentive_prob(g.mu)[kind]
+    c = casual_prob(plan.kinds.first[kind], g.rho).to(eta.dtype)
+    ll = vote_loglik(eta[cells["cell_user"]], m, c, cells["count"]).sum() + gold_loglik(plan, g.mu)
+    lp = (torch.xlogy(g.a - 1.0, eta) + torch.xlogy(g.b - 1.0, 1 - eta)).sum()
+    return ll + lp + spec.log_prior(torch.zeros(0, dtype=eta.dtype), g)
 
 
 def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor], *,
            tol: float = 1e-9, max_iter: int = 500, progress: ProgressFn | None = None,
            trace: list[float] | None = None) -> GlobalFit:
     """Run EM to a relative change of the objective below ``tol``; ``trace`` collects every objective value."""
+    if spec.strengths:
+        raise InputError("--method em fits one mu per pair; for [generators] mu = \"strengths\" use --method marginal")
     warnings: list[str] = []
     if spec.eta_fixed is None:
         a, b = EM_DEFAULT_PRIOR
@@ -45,35 +52,43 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             raise InputError(f"--method em needs an eta prior with a, b >= 1 (the MAP of eta is at 0 or 1 "
                              f"otherwise); got Beta({a:g}, {b:g}); use --method marginal")
     dt, dev = plan.dtype, plan.device
-    cu, cp, k, n = cells["cell_user"], cells["cell_pair"], cells["k"], cells["n"]
+    cu, kind, cnt = cells["cell_user"], cells["cell_kind"], cells["count"]
+    kinds = plan.kinds
+    pair, pick_a, first, gold = kinds.pair[kind], kinds.pick_a[kind], kinds.first[kind], kinds.gold[kind]
     U, P = stats.n_users, stats.n_pairs
-    n_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, n)
+    n_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt)
+    at, bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
     mu = torch.as_tensor(initial_mu(stats, spec), dtype=dt, device=dev)
+    rho = None if not spec.position else torch.tensor(spec.rho_fixed or 0.5, dtype=dt, device=dev)
     eta = torch.full((U,), 0.5, dtype=dt, device=dev)
     free = torch.as_tensor(spec.free_mu, device=dev)
     al = torch.as_tensor(spec.mu_alpha, dtype=dt, device=dev)
     be = torch.as_tensor(spec.mu_beta, dtype=dt, device=dev)
     prior_mode = (a - 1) / (a + b - 2) if a + b > 2 else 0.5
-    c = CASUAL
-    prev = float(em_objective(eta, mu, a, b, spec, cells))
+    no_gold, known_order = gold == 0, first > 0
+    prev = float(em_objective(eta, Globals(at, bt, mu, rho), spec, plan, cells))
     if trace is not None:
         trace.append(prev)
-    converged, it = False, 0
+    converged, it, obj = False, 0, prev
     for it in range(1, max_iter + 1):
-        e, m = eta[cu], mu[cp]
-        q = c + e * (m - c)
-        r_a = e * m / q
-        r_b = e * (1 - m) / (1 - q)
-        att_a, att_b = k * r_a, (n - k) * r_b
-        s_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, att_a + att_b)
+        m = kinds.attentive_prob(mu)[kind]
+        c = casual_prob(first, rho).to(dt)
+        e = eta[cu]
+        r = e * m / (c + e * (m - c))
+        att = cnt * r
+        s_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, att)
         denom = n_user + a + b - 2
         eta = torch.where(denom > 0, (s_user + a - 1) / denom.clamp_min(1e-300),
-                          torch.full_like(s_user, prior_mode)).clamp(0, 1)
-        pa = torch.zeros(P, dtype=dt, device=dev).index_add_(0, cp, att_a)
-        pb = torch.zeros(P, dtype=dt, device=dev).index_add_(0, cp, att_b)
-        mu_new = ((pa + al - 1) / (pa + pb + al + be - 2).clamp_min(1e-300)).clamp(1e-9, 1 - 1e-9)
+                          torch.full_like(s_user, prior_mode)).clamp(0, 1 - 1e-12)
+        att_ng = att * no_gold
+        pa = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pair, att_ng * pick_a)
+        pn = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pair, att_ng)
+        mu_new = ((pa + plan.gold_a + al - 1) / (pn + plan.gold_n + al + be - 2).clamp_min(1e-300)).clamp(1e-9, 1 - 1e-9)
         mu = torch.where(free, mu_new, mu)
-        obj = float(em_objective(eta, mu, a, b, spec, cells))
+        if spec.learn_rho:
+            cas = cnt * (1 - r) * known_order
+            rho = ((cas * (first == 1)).sum() / cas.sum().clamp_min(1e-300)).clamp(1e-9, 1 - 1e-9)
+        obj = float(em_objective(eta, Globals(at, bt, mu, rho), spec, plan, cells))
         if trace is not None:
             trace.append(obj)
         if progress:
@@ -84,20 +99,22 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         prev = obj
     if not converged:
         warnings.append(f"EM stopped after {it} iterations without converging (tol {tol:g})")
-    # curvature of the marginal likelihood in the free mu's at EM's estimates, (a, b) held fixed
-    mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source)
-    theta = mu_spec.pack(a, b, mu.cpu().numpy(), dt, dev)
+    # curvature of the marginal likelihood in the free mu's (and rho) at EM's estimates, (a, b) held fixed
+    mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
+                         position=spec.position, rho_fixed=spec.rho_fixed, rho_prior=spec.rho_prior)
+    rho_f = None if rho is None else float(rho)
+    theta = mu_spec.pack(a, b, mu.cpu().numpy(), rho_f, dt, dev)
 
     def grad(th: torch.Tensor) -> torch.Tensor:
         th = th.detach().clone().requires_grad_(True)
-        _, _, m = mu_spec.unpack(th)
-        return torch.autograd.grad(-(log_marginal(plan, *mu_spec.unpack(th)[:2], m) + spec.log_mu_prior(m)), th)[0]
+        gl = mu_spec.unpack(th)
+        return torch.autograd.grad(-(log_marginal(plan, *gl) + mu_spec.log_prior(th, gl)), th)[0]
 
     H = hessian_fd(grad, theta) if theta.numel() else np.zeros((0, 0))
     cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
     warnings += w
     with torch.no_grad():
-        ll = float(log_marginal(plan, torch.tensor(a, dtype=dt, device=dev), torch.tensor(b, dtype=dt, device=dev), mu))
-    return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), theta=theta.cpu().numpy(), cov=cov,
+        ll = float(log_marginal(plan, at, bt, mu, rho))
+    return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=rho_f, theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=it, converged=converged, warnings=warnings,
                      eta_map=eta.cpu().numpy(), spec=mu_spec)

@@ -14,17 +14,17 @@ from typing import Self
 import numpy as np
 import pandas as pd
 import torch
-
-from heedful import __version__
-from heedful.config import Priors
-from heedful.device import resolve_device, resolve_dtype
-from heedful.errors import InputError
 from heedful.inference.em import fit_em
 from heedful.inference.globals import GlobalSpec, global_spec
 from heedful.inference.marginal import fit_marginal
 from heedful.inference.posterior import UserPosterior, user_posterior
 from heedful.inference.result import GlobalFit, ProgressFn, global_intervals
 from heedful.model.likelihood import QuadraturePlan, build_plan
+
+from heedful import __version__
+from heedful.config import Priors
+from heedful.device import resolve_device, resolve_dtype
+from heedful.errors import InputError
 from heedful.suffstats import VoteStats, vote_stats
 from heedful.votes import validate_votes
 
@@ -73,7 +73,7 @@ class Attentiveness:
         else:
             gfit = fit_em(stats, plan, spec, cells, tol=self.tol, max_iter=self.max_iter, progress=self.progress)
         post = user_posterior(plan, cells, gfit.a, gfit.b, torch.as_tensor(gfit.mu, dtype=dt, device=dev),
-                              level=self.level)
+                              gfit.rho, level=self.level)
         self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
         self._plan, self._cells = plan, cells
         self._finish(time.perf_counter() - t0, dev, dt)
@@ -107,6 +107,11 @@ class Attentiveness:
         })
         self.eta_prior_ = {"a": gfit.a, "b": gfit.b, "learned": spec.eta_fixed is None and self.method != "em",
                            "mean": gfit.a / (gfit.a + gfit.b), "concentration": gfit.a + gfit.b, **iv["eta_prior"]}
+        self.rho_ = None if gfit.rho is None else {"rho": gfit.rho, "lo": iv["rho"][0], "hi": iv["rho"][1],
+                                                    "learned": spec.learn_rho}
+        self.strengths_ = None if "strengths" not in iv else {
+            m: {"strength": v[0], "lo": v[1], "hi": v[2], "reference": i == spec.reference}
+            for i, (m, v) in enumerate(iv["strengths"].items())}
         warnings = list(spec.warnings) + list(gfit.warnings)
         width = self.pairs_.mu_hi - self.pairs_.mu_lo
         for r in self.pairs_[(self.pairs_.source != "known") & (width > self.priors.mu_interval_warn)].itertuples():
@@ -135,7 +140,8 @@ class Attentiveness:
         if not 0 < tau < 1:
             raise InputError(f"tau must lie in (0, 1), got {tau}")
         mu = torch.as_tensor(self.fit_.mu, dtype=self._dtype, device=self._device)
-        post = user_posterior(self._plan, self._cells, self.fit_.a, self.fit_.b, mu, level=self.level, tau=tau)
+        post = user_posterior(self._plan, self._cells, self.fit_.a, self.fit_.b, mu, self.fit_.rho,
+                              level=self.level, tau=tau)
         return post.prob_above
 
     def params(self) -> dict:
@@ -146,6 +152,9 @@ class Attentiveness:
             "mu": [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
                    for row in self.pairs_.to_dict(orient="records")],
             "eta_prior": self.eta_prior_,
+            "position_bias": self.rho_,
+            "strengths": self.strengths_,
+            "n_gold": s.n_gold,
             "log_likelihood": self.log_likelihood_,
             "objective": self.fit_.objective,
             "iterations": self.n_iter_,

@@ -1,19 +1,32 @@
-"""The global parameters (eta prior a, b and each pair's mu): which are free, and their packing.
+"""The global parameters and their packing into one unconstrained vector theta.
 
-Free parameters are optimised in an unconstrained vector theta = [log a, log b] (when the population
-prior is learned) + [logit mu_p for every pair whose mu is not known]. Config pairs are oriented to
-the canonical order of :mod:`heedful.suffstats` (mu -> 1 - mu, Beta(s, t) -> Beta(t, s) if reversed).
+theta = [log a, log b]          when the population prior is learned
+      + [logit rho]             when casual users' position bias is learned
+      + [logit mu_p ...]        per pair whose mu is not known        (mu = "pairs", the default)
+      | [s_m ...]               strength of every model but the reference (mu = "strengths"):
+                                mu_AB = sigmoid(s_A - s_B), s_reference = 0
+Config pairs are oriented to the canonical order of :mod:`heedful.suffstats` (mu -> 1 - mu,
+Beta(s, t) -> Beta(t, s) when the config lists the pair the other way round).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from heedful.config import Priors
+from heedful.errors import ConfigError
 from heedful.suffstats import VoteStats
+
+
+class Globals(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
+    mu: torch.Tensor               # [P]
+    rho: torch.Tensor | None       # None: casual users flip a fair coin
 
 
 @dataclass
@@ -23,53 +36,106 @@ class GlobalSpec:
     mu_known: np.ndarray                        # [P], nan where mu is not known
     mu_alpha: np.ndarray                        # [P] Beta prior on mu (1, 1: flat)
     mu_beta: np.ndarray
-    mu_source: list[str]                        # "known" | "prior" | "learned"
+    mu_source: list[str]                        # "known" | "prior" | "learned" | "strengths"
+    position: bool = False                      # casual users favour the first-shown answer
+    rho_fixed: float | None = None              # known rho (with position=True)
+    rho_prior: tuple[float, float] = (1.0, 1.0)
+    strengths: bool = False
+    pair_models: np.ndarray | None = None       # [P, 2] model index of canonical a, b
+    models: list[str] = field(default_factory=list)
+    reference: int = 0
+    strength_sd: float = 0.0                    # Normal(0, sd) prior on strengths; 0: flat
     warnings: list[str] = field(default_factory=list)
 
     @property
     def free_mu(self) -> np.ndarray:
-        return np.isnan(self.mu_known)
+        return np.isnan(self.mu_known) & (not self.strengths)
+
+    @property
+    def learn_rho(self) -> bool:
+        return self.position and self.rho_fixed is None
 
     @property
     def n_free(self) -> int:
-        return (0 if self.eta_fixed else 2) + int(self.free_mu.sum())
+        n_mu = len(self.models) - 1 if self.strengths else int(self.free_mu.sum())
+        return (0 if self.eta_fixed else 2) + int(self.learn_rho) + n_mu
 
-    def unpack(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """theta -> (a, b, mu[P]) as differentiable tensors."""
+    def unpack(self, theta: torch.Tensor) -> Globals:
+        """theta -> (a, b, mu[P], rho) as differentiable tensors."""
         dt, dev = theta.dtype, theta.device
+        i = 0
         if self.eta_fixed is None:
             a, b = torch.exp(theta[0]), torch.exp(theta[1])
-            rest = theta[2:]
+            i = 2
         else:
             a = torch.tensor(self.eta_fixed[0], dtype=dt, device=dev)
             b = torch.tensor(self.eta_fixed[1], dtype=dt, device=dev)
-            rest = theta
-        mu = torch.as_tensor(np.nan_to_num(self.mu_known, nan=0.5), dtype=dt, device=dev)
-        free = torch.as_tensor(self.free_mu, device=dev)
-        if bool(free.any()):
-            mu = mu.masked_scatter(free, torch.sigmoid(rest))
-        return a, b, mu
+        rho = None
+        if self.learn_rho:
+            rho = torch.sigmoid(theta[i])
+            i += 1
+        elif self.position:
+            rho = torch.tensor(self.rho_fixed, dtype=dt, device=dev)
+        rest = theta[i:]
+        if self.strengths:
+            s = torch.cat([rest[: self.reference], rest.new_zeros(1), rest[self.reference:]])
+            pm = torch.as_tensor(self.pair_models, device=dev)
+            mu = torch.sigmoid(s[pm[:, 0]] - s[pm[:, 1]])
+        else:
+            mu = torch.as_tensor(np.nan_to_num(self.mu_known, nan=0.5), dtype=dt, device=dev)
+            free = torch.as_tensor(self.free_mu, device=dev)
+            if bool(free.any()):
+                mu = mu.masked_scatter(free, torch.sigmoid(rest))
+        return Globals(a, b, mu, rho)
 
-    def pack(self, a: float, b: float, mu: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def pack(self, a: float, b: float, mu: np.ndarray, rho: float | None, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
         parts = [] if self.eta_fixed else [np.log([a, b])]
-        m = np.clip(np.asarray(mu, dtype=float)[self.free_mu], 1e-6, 1 - 1e-6)
-        parts.append(np.log(m) - np.log1p(-m))
-        return torch.as_tensor(np.concatenate(parts), dtype=dtype, device=device)
+        if self.learn_rho:
+            r = float(np.clip(0.5 if rho is None else rho, 1e-6, 1 - 1e-6))
+            parts.append([np.log(r) - np.log1p(-r)])
+        if self.strengths:
+            parts.append(self._strengths_from_mu(np.asarray(mu, dtype=float)))
+        else:
+            m = np.clip(np.asarray(mu, dtype=float)[self.free_mu], 1e-6, 1 - 1e-6)
+            parts.append(np.log(m) - np.log1p(-m))
+        return torch.as_tensor(np.concatenate([np.asarray(p, dtype=float) for p in parts]), dtype=dtype, device=device)
+
+    def _strengths_from_mu(self, mu: np.ndarray) -> np.ndarray:
+        """Least-squares strengths with logit(mu_AB) = s_A - s_B and s_reference = 0."""
+        M = len(self.models)
+        X = np.zeros((self.n_pairs, M))
+        X[np.arange(self.n_pairs), self.pair_models[:, 0]] = 1
+        X[np.arange(self.n_pairs), self.pair_models[:, 1]] = -1
+        keep = [m for m in range(M) if m != self.reference]
+        m = np.clip(mu, 0.02, 0.98)
+        s, *_ = np.linalg.lstsq(X[:, keep], np.log(m) - np.log1p(-m), rcond=None)
+        return s
 
     def theta_names(self, pair_labels: list[str]) -> list[str]:
         names = [] if self.eta_fixed else ["log_a", "log_b"]
+        names += ["logit_rho"] if self.learn_rho else []
+        if self.strengths:
+            return names + [f"strength[{m}]" for i, m in enumerate(self.models) if i != self.reference]
         return names + [f"logit_mu[{pair_labels[p]}]" for p in np.flatnonzero(self.free_mu)]
 
-    def log_mu_prior(self, mu: torch.Tensor) -> torch.Tensor:
-        """sum_p log Beta(mu_p; alpha_p, beta_p) over pairs with a prior (no Jacobian: MAP in mu)."""
+    def log_prior(self, theta: torch.Tensor, g: Globals) -> torch.Tensor:
+        """log-priors of the globals that have one (MAP in the natural parameters, no Jacobian)."""
+        mu = g.mu
+        lp = mu.new_zeros(())
         has = torch.as_tensor(np.array([s == "prior" for s in self.mu_source]), device=mu.device)
-        if not bool(has.any()):
-            return mu.new_zeros(())
-        al = torch.as_tensor(self.mu_alpha, dtype=mu.dtype, device=mu.device)
-        be = torch.as_tensor(self.mu_beta, dtype=mu.dtype, device=mu.device)
-        lp = torch.xlogy(al - 1, mu) + torch.xlogy(be - 1, 1 - mu) - (torch.lgamma(al) + torch.lgamma(be)
-                                                                        - torch.lgamma(al + be))
-        return (lp * has).sum()
+        if bool(has.any()):
+            al = torch.as_tensor(self.mu_alpha, dtype=mu.dtype, device=mu.device)
+            be = torch.as_tensor(self.mu_beta, dtype=mu.dtype, device=mu.device)
+            lb = torch.lgamma(al) + torch.lgamma(be) - torch.lgamma(al + be)
+            lp = lp + ((torch.xlogy(al - 1, mu) + torch.xlogy(be - 1, 1 - mu) - lb) * has).sum()
+        if self.learn_rho and self.rho_prior != (1.0, 1.0):
+            ra, rb = self.rho_prior
+            lp = lp + (ra - 1) * torch.log(g.rho) + (rb - 1) * torch.log1p(-g.rho)
+        if self.strengths and self.strength_sd > 0:
+            s = theta[self.n_free - (len(self.models) - 1):]
+            lp = lp - 0.5 * (s * s).sum() / self.strength_sd ** 2
+        return lp
 
 
 def global_spec(stats: VoteStats, priors: Priors) -> GlobalSpec:
@@ -90,7 +156,25 @@ def global_spec(stats: VoteStats, priors: Priors) -> GlobalSpec:
         elif o.beta is not None:
             alpha[p], beta[p] = o.beta
             source[p] = "prior"
-    return GlobalSpec(P, priors.eta, known, alpha, beta, source, warnings)
+    position = priors.casual == "position"
+    if position and not stats.has_order:
+        raise ConfigError("behaviour.casual = \"position\" needs a shown_first column (a | b) in the votes")
+    spec = GlobalSpec(P, priors.eta, known, alpha, beta, source, position=position, rho_fixed=priors.rho,
+                      rho_prior=priors.rho_prior, warnings=warnings)
+    if priors.mu_model == "strengths":
+        if priors.pairs:
+            raise ConfigError("[generators] mu = \"strengths\" learns every pair's mu from model strengths; "
+                              "remove the [[pairs]] entries or use mu = \"pairs\"")
+        models = stats.models()
+        ref = priors.reference or models[0]
+        if ref not in models:
+            raise ConfigError(f"[generators] reference = {ref!r} is not a model in the votes")
+        index = {m: i for i, m in enumerate(models)}
+        spec.strengths, spec.models, spec.reference = True, models, index[ref]
+        spec.pair_models = np.array([[index[a], index[b]] for a, b in stats.pairs], dtype=np.int64).reshape(-1, 2)
+        spec.strength_sd = priors.strength_sd
+        spec.mu_source = ["strengths"] * P
+    return spec
 
 
 def initial_mu(stats: VoteStats, spec: GlobalSpec, eta_guess: float = 0.5) -> np.ndarray:
@@ -99,4 +183,7 @@ def initial_mu(stats: VoteStats, spec: GlobalSpec, eta_guess: float = 0.5) -> np
     r = (stats.pair_a_votes() + 0.5) / (n + 1.0)
     mu0 = np.clip(0.5 + (r - 0.5) / eta_guess, 0.05, 0.95)
     mu0 = np.where(np.abs(mu0 - 0.5) < 0.02, 0.5 + 0.02 * np.sign(mu0 - 0.5 + 1e-12), mu0)
+    with np.errstate(invalid="ignore"):
+        gold_rate = stats.gold_a / np.maximum(stats.gold_n, 1)
+    mu0 = np.where(stats.gold_n >= 5, np.clip(gold_rate, 0.05, 0.95), mu0)
     return np.where(np.isnan(spec.mu_known), mu0, spec.mu_known)

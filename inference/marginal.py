@@ -2,7 +2,8 @@
 
     maximise  sum_u log E_{eta ~ Beta(a, b)}[L_u(eta)] + sum_p log Beta(mu_p; alpha_p, beta_p)
 
-over theta = (log a, log b, logit mu_free) with torch autograd; the covariance of theta is the inverse
+over theta (log a, log b, logit rho, logit mu or strengths) with torch autograd gradients and
+scipy's L-BFGS-B; the covariance of theta is the inverse
 Hessian of the negative objective at the optimum (central differences of the exact gradient).
 """
 
@@ -10,53 +11,69 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from heedful.inference.globals import GlobalSpec, initial_mu
 from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
 from heedful.model.likelihood import QuadraturePlan, log_marginal
+from scipy import optimize
+
 from heedful.suffstats import VoteStats
 
 
 def objective(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor) -> torch.Tensor:
-    a, b, mu = spec.unpack(theta)
-    return log_marginal(plan, a, b, mu) + spec.log_mu_prior(mu)
+    g = spec.unpack(theta)
+    return log_marginal(plan, *g) + spec.log_prior(theta, g)
 
 
 def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, tol: float = 1e-9,
                  max_iter: int = 500, progress: ProgressFn | None = None,
-                 start: tuple[float, float, np.ndarray] | None = None) -> GlobalFit:
+                 start: tuple[float, float, np.ndarray, float | None] | None = None) -> GlobalFit:
     dt, dev = plan.dtype, plan.device
     scale = 1.0 / max(stats.n_votes, 1)
-    a0, b0, mu0 = start if start is not None else (*(spec.eta_fixed or (1.0, 1.0)), initial_mu(stats, spec))
-    theta = spec.pack(a0, b0, mu0, dt, dev).requires_grad_(True)
+    a0, b0, mu0, rho0 = start if start is not None else (*(spec.eta_fixed or (1.0, 1.0)),
+                                                          initial_mu(stats, spec), spec.rho_fixed)
+    theta0 = spec.pack(a0, b0, mu0, rho0, dt, dev)
     warnings: list[str] = []
-    iterations, converged, prev = 0, spec.n_free == 0, None
+    iterations, converged = 0, spec.n_free == 0
+    theta = theta0
     if spec.n_free:
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-12, tolerance_change=1e-15)
+        last = {"loss": float("nan")}
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = -objective(plan, spec, theta) * scale
-            loss.backward()
-            return loss
+        def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+            th = torch.as_tensor(x, dtype=dt, device=dev).requires_grad_(True)
+            loss = -objective(plan, spec, th) * scale
+            (g,) = torch.autograd.grad(loss, th)
+            last["loss"] = float(loss.detach())
+            if not torch.isfinite(loss):
+                return 1e30, np.zeros_like(x)
+            return float(loss.detach()), g.detach().cpu().numpy().astype(np.float64)
 
-        while iterations < max_iter:
-            loss = float(opt.step(closure).detach())
-            iterations = int(opt.state[theta]["n_iter"])
+        def callback(xk: np.ndarray) -> None:
+            nonlocal iterations
+            iterations += 1
             if progress:
-                progress(iterations, -loss / scale)
-            if prev is not None and abs(prev - loss) <= tol * max(1.0, abs(loss)):
-                converged = True
-                break
-            prev = loss
+                progress(iterations, -last["loss"] / scale)
+
+        # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
+        bounds = [(-30.0, 30.0)] * spec.n_free
+        res = optimize.minimize(fun, theta0.cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
+                                callback=callback, options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-9})
+        iterations = int(res.nit)
+        converged = bool(res.success) or res.status == 0
+        theta = torch.as_tensor(res.x, dtype=dt, device=dev)
         if not converged:
-            warnings.append(f"the marginal fit stopped after {iterations} L-BFGS iterations without converging")
+            warnings.append(f"the marginal fit stopped after {iterations} L-BFGS iterations without converging "
+                            f"({res.message})")
+        at_bound = np.isclose(np.abs(res.x), 30.0)
+        if at_bound.any():
+            names = spec.theta_names(stats.pair_labels())
+            warnings.append("at the edge of the parameter space: " + ", ".join(n for n, b in zip(names, at_bound,
+                                                                                              strict=True) if b))
     theta = theta.detach()
     with torch.no_grad():
-        a, b, mu = spec.unpack(theta)
+        g = spec.unpack(theta)
+        a, b, mu = g.a, g.b, g.mu
         obj = float(objective(plan, spec, theta))
-        ll = float(log_marginal(plan, a, b, mu))
+        ll = float(log_marginal(plan, *g))
 
     def grad(th: torch.Tensor) -> torch.Tensor:
         th = th.detach().clone().requires_grad_(True)
@@ -68,6 +85,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     if float(a) < 0.05 or float(b) < 0.05 or float(a + b) > 1e4:
         warnings.append(f"the fitted eta prior Beta({float(a):.3g}, {float(b):.3g}) is extreme: users may be "
                         "nearly all attentive or all casual, or the prior is poorly identified")
-    return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), theta=theta.cpu().numpy(), cov=cov,
+    return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=None if g.rho is None else float(g.rho),
+                     theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=int(iterations), converged=converged,
                      warnings=warnings, spec=spec)

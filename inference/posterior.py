@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats as sstats
-
-from heedful.model.likelihood import QuadraturePlan, pattern_loglik
+from heedful.model.likelihood import QuadraturePlan, bucket_loglik_at, casual_prob
 from heedful.model.quadrature import gauss_jacobi
+from scipy import stats as sstats
 
 X_EDGE = 20.0
 MAX_ELEMENTS = 4_000_000   # grid cells per chunk: bounds memory whatever the number of users
@@ -52,28 +51,14 @@ def _quantile(cdf: torch.Tensor, x: torch.Tensor, p: float, a: float, b: float) 
     return torch.where(inside, xq, torch.where(j == 0, low_tail, high_tail))
 
 
-def _golden_mode(logdens, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
-    """Maximise a unimodal-on-the-bracket function per user in x; brackets [lo, hi] are vectors."""
-    g = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
-    fc, fd = logdens(c), logdens(d)
-    for _ in range(iters):
-        left = fc >= fd
-        hi = torch.where(left, d, hi)
-        lo = torch.where(left, lo, c)
-        c_new, d_new = hi - g * (hi - lo), lo + g * (hi - lo)
-        c, d = torch.where(left, c_new, d), torch.where(left, c, d_new)
-        f_new = logdens(torch.where(left, c, d))
-        fc, fd = torch.where(left, f_new, fc), torch.where(left, fc, f_new)
-    return 0.5 * (lo + hi)
-
-
 @torch.no_grad()
 def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float, b: float,
-                   mu: torch.Tensor, *, level: float = 0.90, tau: float | None = None) -> UserPosterior:
-    """Posterior summaries of eta_u for every user under Beta(a, b) and the given mu (no gradients)."""
-    dt, dev = plan.dtype if plan.dtype == torch.float64 else torch.float64, plan.device
+                   mu: torch.Tensor, rho: float | None = None, *, level: float = 0.90,
+                   tau: float | None = None) -> UserPosterior:
+    """Posterior summaries of eta_u for every user under Beta(a, b), mu and rho (no gradients)."""
+    dt, dev = torch.float64, plan.device
     mu = mu.to(dt)
+    rho_t = None if rho is None else torch.tensor(float(rho), dtype=dt, device=dev)
     U = plan.n_users
     pa, pb = float(a), float(b)
     prior = sstats.beta(pa, pb)
@@ -86,26 +71,22 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
     p_above = np.full(U, prior.sf(tau)) if tau is not None else None
     at, bt = torch.tensor(pa, dtype=dt, device=dev), torch.tensor(pb, dtype=dt, device=dev)
     for bk in plan.buckets:
-        pattern = {"pair": bk.pattern_pair, "k": bk.k.to(dt), "n": bk.n.to(dt)}
         xq, logw = gauss_jacobi(at, bt, bk.n_nodes)   # exact for E[eta], E[eta^2]: degree n + 2
         M = _grid_size(2 * bk.n_nodes)
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = x[1] - x[0]
         log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
-        table = pattern_loglik(torch.sigmoid(x)[None, :], mu[pattern["pair"]][:, None],
-                               pattern["k"][:, None], pattern["n"][:, None])
-        tq = pattern_loglik(xq[None, :], mu[pattern["pair"]][:, None], pattern["k"][:, None], pattern["n"][:, None])
         rows = max(1, MAX_ELEMENTS // M)
         for start, inc in bk.row_chunks(rows):
             inc = inc.to(dt)
             users = bk.users[start:start + inc.shape[0]].cpu().numpy()
-            lq = torch.sparse.mm(inc, tq) + logw
+            lq = bucket_loglik_at(plan, bk, xq, mu, rho_t, inc) + logw
             wq = torch.softmax(lq, dim=1)
             m1 = (wq * xq).sum(1)
             m2 = (wq * xq * xq).sum(1)
             mean[users] = m1.cpu().numpy()
             sd[users] = (m2 - m1 * m1).clamp_min(0).sqrt().cpu().numpy()
-            ell = torch.sparse.mm(inc, table) + pa * log_eta + pb * log_1m      # log density in x (unnormalised)
+            ell = bucket_loglik_at(plan, bk, torch.sigmoid(x), mu, rho_t, inc) + pa * log_eta + pb * log_1m
             top = ell.max(dim=1, keepdim=True).values
             d = torch.exp(ell - top)
             tail_lo, tail_hi = d[:, 0] / pa, d[:, -1] / pb
@@ -124,14 +105,18 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
             mode_x[users] = x[j].cpu().numpy()
             bracket[users, 0] = x[(j - 1).clamp_min(0)].cpu().numpy()
             bracket[users, 1] = x[(j + 1).clamp_max(M - 1)].cpu().numpy()
-    mode = _refine_modes(plan, cells, pa, pb, mu, mode_x, bracket, dt)
+    mode = _refine_modes(plan, cells, pa, pb, mu, rho_t, mode_x, bracket, dt)
     return UserPosterior(mean=mean, mode=mode, lo=np.minimum(lo, mean), hi=np.maximum(hi, mean), sd=sd,
                          prob_above=p_above)
 
 
 def _refine_modes(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float, b: float, mu: torch.Tensor,
-                  mode_x: np.ndarray, bracket: np.ndarray, dt: torch.dtype) -> np.ndarray:
-    """Golden-section refinement of the grid mode; a mode at the grid's edge is taken as 0 or 1."""
+                  rho: torch.Tensor | None, mode_x: np.ndarray, bracket: np.ndarray, dt: torch.dtype,
+                  iters: int = 30) -> np.ndarray:
+    """Safeguarded Newton on d/d eta [log L_u(eta) + (a-1) log eta + (b-1) log(1-eta)] inside the grid bracket.
+
+    A mode at the grid's edge is taken as 0 or 1 (the density is largest at the boundary there).
+    """
     U = plan.n_users
     prior_mode = ((a - 1) / (a + b - 2)) if (a > 1 and b > 1) else (0.0 if a <= b else 1.0)
     mode = np.full(U, prior_mode)
@@ -140,18 +125,26 @@ def _refine_modes(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float
     interior = has & ~edge_lo & ~edge_hi
     mode[has & edge_lo] = 0.0
     mode[has & edge_hi] = 1.0
-    if interior.any():
-        dev = mu.device
-        cu, cp = cells["cell_user"], cells["cell_pair"]
-        k, n = cells["k"].to(dt), cells["n"].to(dt)
-
-        def logdens(xu: torch.Tensor) -> torch.Tensor:
-            eta = torch.sigmoid(xu)
-            ll = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, pattern_loglik(eta[cu], mu[cp], k, n))
-            return ll + (a - 1) * torch.nn.functional.logsigmoid(xu) + (b - 1) * torch.nn.functional.logsigmoid(-xu)
-
-        lo = torch.as_tensor(bracket[:, 0], dtype=dt, device=dev)
-        hi = torch.as_tensor(bracket[:, 1], dtype=dt, device=dev)
-        xm = _golden_mode(logdens, lo, hi).cpu().numpy()
-        mode[interior] = 1.0 / (1.0 + np.exp(-xm[interior]))
+    if not interior.any():
+        return mode
+    dev = mu.device
+    cu, kind = cells["cell_user"], cells["cell_kind"]
+    cnt = cells["count"].to(dt)
+    m = plan.kinds.attentive_prob(mu)[kind]
+    c = casual_prob(plan.kinds.first[kind], rho).to(dt)
+    d = m - c
+    lo = torch.sigmoid(torch.as_tensor(bracket[:, 0], dtype=dt, device=dev))
+    hi = torch.sigmoid(torch.as_tensor(bracket[:, 1], dtype=dt, device=dev))
+    eta = torch.sigmoid(torch.as_tensor(np.nan_to_num(mode_x), dtype=dt, device=dev))
+    for _ in range(iters):
+        q = c + eta[cu] * d
+        g = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt * d / q) + (a - 1) / eta - (b - 1) / (1 - eta)
+        h = -torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt * d * d / (q * q)) \
+            - (a - 1) / eta ** 2 - (b - 1) / (1 - eta) ** 2
+        lo = torch.where(g > 0, eta, lo)       # the derivative's sign keeps the root bracketed
+        hi = torch.where(g > 0, hi, eta)
+        step = eta - g / h
+        ok = (h < 0) & (step > lo) & (step < hi)
+        eta = torch.where(ok, step, 0.5 * (lo + hi))
+    mode[interior] = eta.cpu().numpy()[interior]
     return mode

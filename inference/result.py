@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats as sstats
-
 from heedful.inference.globals import GlobalSpec
+from scipy import stats as sstats
 
 ProgressFn = Callable[[int, float], None]
 
@@ -21,6 +20,7 @@ class GlobalFit:
     a: float
     b: float
     mu: np.ndarray
+    rho: float | None
     theta: np.ndarray
     cov: np.ndarray | None          # covariance of theta (inverse Hessian of -objective)
     objective: float                # the maximised objective (log-likelihood + log-priors)
@@ -83,6 +83,31 @@ def global_intervals(fit: GlobalFit, level: float = 0.90) -> dict:
             "concentration_lo": float(np.exp(lc - z * sd_c)), "concentration_hi": float(np.exp(lc + z * sd_c)),
         })
         i = 2
+    if spec.learn_rho:
+        t, s = fit.theta[i], sd[i]
+        out["rho"] = (float(1 / (1 + np.exp(-(t - z * s)))), float(1 / (1 + np.exp(-(t + z * s)))))
+        i += 1
+    elif spec.position:
+        out["rho"] = (spec.rho_fixed, spec.rho_fixed)
+    if spec.strengths:
+        # mu_AB = sigmoid(s_A - s_B): delta method on the strengths' covariance
+        M = len(spec.models)
+        keep = [m for m in range(M) if m != spec.reference]
+        cov_s = np.zeros((M, M))
+        if fit.cov is not None:
+            cov_s[np.ix_(keep, keep)] = fit.cov[i:, i:]
+        else:
+            cov_s[:] = np.nan
+        s_hat = np.zeros(M)
+        s_hat[keep] = fit.theta[i:]
+        out["strengths"] = {m: (float(s_hat[j]), float(s_hat[j] - z * np.sqrt(max(cov_s[j, j], 0))),
+                                float(s_hat[j] + z * np.sqrt(max(cov_s[j, j], 0)))) for j, m in enumerate(spec.models)}
+        for p in range(spec.n_pairs):
+            ia, ib = spec.pair_models[p]
+            d = s_hat[ia] - s_hat[ib]
+            sdd = np.sqrt(max(cov_s[ia, ia] + cov_s[ib, ib] - 2 * cov_s[ia, ib], 0))
+            out["mu"].append((float(1 / (1 + np.exp(-(d - z * sdd)))), float(1 / (1 + np.exp(-(d + z * sdd))))))
+        return out
     for p in range(spec.n_pairs):
         if spec.free_mu[p]:
             t, s = fit.theta[i], sd[i]

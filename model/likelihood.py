@@ -1,18 +1,18 @@
 """The fast path: the exact marginal likelihood of the behaviour model on sufficient statistics.
 
-For user u with cells (p, k_up, n_up) and coin-flip casual picks (c = 1/2),
+For user u with cells (kind, count) (see :mod:`heedful.suffstats`),
 
-    q_p(eta) = c + eta (mu_p - c)                     (P(y = 1 | eta), z and t summed out)
-    L_u(eta) = prod_p q_p(eta)^k_up (1 - q_p(eta))^(n_up - k_up)
-    m_u      = E_{eta ~ Beta(a, b)}[L_u(eta)]         (eta integrated out)
+    P(y_n | eta) = c_n + eta (m_n - c_n)             (z and t summed out)
+    L_u(eta)     = prod_cells (c_kind + eta (m_kind - c_kind))^count
+    m_u          = E_{eta ~ Beta(a, b)}[L_u(eta)]     (eta integrated out)
 
-L_u is a polynomial of degree n_u = sum_p n_up in eta, so Gauss-Jacobi quadrature with
-G >= (n_u + 2) / 2 nodes gives m_u (and the posterior mean) exactly. Users are grouped in buckets
-of similar n_u, each with its own G; inside a bucket the distinct (pair, k, n) patterns are
-evaluated once and summed per user with a sparse incidence matrix, so the cost grows with the
-number of votes, not with users x the largest user's G. Users with more than ``2 * cap - 2`` votes
-share ``cap`` nodes: no longer exact, but their likelihood is smooth and the error is far below
-the statistical error (checked in the tests).
+L_u is a polynomial of degree n_u (the user's votes) in eta, so Gauss-Jacobi quadrature with
+G >= (n_u + 2) / 2 nodes gives m_u (and the posterior mean) exactly. Users are grouped in buckets of
+similar n_u, each with its own G; inside a bucket the distinct (kind, count) patterns are evaluated
+once and summed per user with a sparse incidence matrix, so the cost grows with the number of votes,
+not with users x the largest user's G. Users with more than ``2 * cap - 4`` votes share ``cap`` nodes:
+no longer exact, but their likelihood is smooth and the error is far below the statistical error.
+Gold labels add sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)] (t observed).
 """
 
 from __future__ import annotations
@@ -21,33 +21,63 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from heedful.model.quadrature import gauss_jacobi, nodes_for
+
 from heedful.suffstats import VoteStats
 
-CASUAL = 0.5        # a casual user's probability of picking either answer
+CASUAL = 0.5        # a casual user's probability of picking either answer when the order is unknown
 NODE_CAP = 256      # nodes for the heaviest users
 
 
 @dataclass
+class Kinds:
+    """Per kind: its pair, whether it picked canonical A, picked first/second-shown, gold agreement."""
+
+    pair: torch.Tensor     # long [K]
+    pick_a: torch.Tensor   # bool [K]
+    first: torch.Tensor    # long [K]: 0 unknown, 1 picked the first-shown, 2 the second-shown
+    gold: torch.Tensor     # long [K]: 0 none, 1 agrees with the pick, 2 disagrees
+
+    def attentive_prob(self, mu: torch.Tensor) -> torch.Tensor:
+        """m_kind = P(this pick | attentive): mu or 1 - mu, or 1 / 0 when a gold label fixes the truth."""
+        mu_k = mu[self.pair]
+        m = torch.where(self.pick_a, mu_k, 1.0 - mu_k)
+        return torch.where(self.gold == 1, torch.ones_like(m), torch.where(self.gold == 2, torch.zeros_like(m), m))
+
+
+def casual_prob(first: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+    """c = P(this pick | casual): 1/2 when the order is unknown or rho is None, else rho or 1 - rho."""
+    half = torch.full(first.shape, CASUAL, dtype=rho.dtype if rho is not None else torch.float64,
+                      device=first.device)
+    if rho is None:
+        return half
+    return torch.where(first == 1, rho, torch.where(first == 2, 1.0 - rho, half))
+
+
+def vote_loglik(eta: torch.Tensor, m: torch.Tensor, c: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """count * log(c + eta (m - c)), broadcasting; 0 * log 0 = 0."""
+    return torch.xlogy(count, c + eta * (m - c))
+
+
+@dataclass
 class Bucket:
-    """Users with similar vote counts, their distinct cell patterns, and the user x pattern incidence."""
+    """Users with similar vote counts, their distinct (kind, count) patterns, and the incidence."""
 
     n_nodes: int
-    users: torch.Tensor        # long [Ub]: global user index
-    pattern_pair: torch.Tensor  # long [Q]
-    k: torch.Tensor            # [Q]
-    n: torch.Tensor            # [Q]
-    incidence: torch.Tensor    # sparse [Ub, Q]: how many of a user's cells have this pattern
+    users: torch.Tensor         # long [Ub]: global user index
+    pattern_kind: torch.Tensor  # long [Q]
+    count: torch.Tensor         # [Q]
+    incidence: torch.Tensor     # sparse [Ub, Q]: how many of a user's cells have this pattern
 
     def row_chunks(self, max_rows: int) -> list[tuple[int, torch.Tensor]]:
         """Row ranges of the incidence as (first row, sparse [rows, Q]) pieces of at most max_rows rows."""
-        if self.incidence.shape[0] <= max_rows:
+        n = self.incidence.shape[0]
+        if n <= max_rows:
             return [(0, self.incidence)]
         idx, val = self.incidence.indices(), self.incidence.values()
         out = []
-        for start in range(0, self.incidence.shape[0], max_rows):
-            stop = min(start + max_rows, self.incidence.shape[0])
+        for start in range(0, n, max_rows):
+            stop = min(start + max_rows, n)
             lo, hi = torch.searchsorted(idx[0], torch.tensor([start, stop], device=idx.device)).tolist()
             sub = idx[:, lo:hi] - torch.tensor([[start], [0]], device=idx.device)
             out.append((start, torch.sparse_coo_tensor(sub, val[lo:hi], (stop - start, self.incidence.shape[1]),
@@ -61,77 +91,91 @@ class QuadraturePlan:
 
     n_users: int
     n_pairs: int
+    kinds: Kinds
     buckets: list[Bucket]
+    gold_a: torch.Tensor
+    gold_n: torch.Tensor
     device: torch.device
     dtype: torch.dtype
 
 
-def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype,
-               cap: int = NODE_CAP) -> QuadraturePlan:
-    """Group users by vote count (powers of two) and deduplicate (pair, k, n) patterns per bucket."""
+def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:
+    """Group users by vote count (powers of two) and deduplicate (kind, count) patterns per bucket."""
     nu = stats.user_votes()
     bucket_of_user = np.where(nu > 0, np.floor(np.log2(np.maximum(nu, 1))).astype(np.int64), -1)
     bucket_of_cell = bucket_of_user[stats.cell_user]
+    order = np.argsort(bucket_of_cell, kind="stable")
+    bounds = np.searchsorted(bucket_of_cell[order], np.unique(bucket_of_user[bucket_of_user >= 0]), side="left")
+    ends = np.r_[bounds[1:], len(order)]
     buckets = []
-    for j in np.unique(bucket_of_user[bucket_of_user >= 0]):
+    local = np.full(stats.n_users, -1, dtype=np.int64)
+    for j, s, e in zip(np.unique(bucket_of_user[bucket_of_user >= 0]), bounds, ends, strict=True):
         users = np.flatnonzero(bucket_of_user == j)
-        cells = np.flatnonzero(bucket_of_cell == j)
-        local = np.full(stats.n_users, -1, dtype=np.int64)
+        cells = order[s:e]
         local[users] = np.arange(len(users))
-        pat = np.stack([stats.cell_pair[cells], stats.cell_k[cells], stats.cell_n[cells]], axis=1)
+        pat = np.stack([stats.cell_kind[cells], stats.cell_count[cells]], axis=1)
         uniq, inv = np.unique(pat, axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
         rows = torch.as_tensor(local[stats.cell_user[cells]], device=device)
-        cols = torch.as_tensor(inv, device=device)
-        inc = torch.sparse_coo_tensor(torch.stack([rows, cols]),
-                                      torch.ones(len(cells), dtype=dtype, device=device),
+        cols = torch.as_tensor(inv.reshape(-1), device=device)
+        inc = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(cells), dtype=dtype, device=device),
                                       (len(users), len(uniq)), check_invariants=False).coalesce()
         buckets.append(Bucket(
             n_nodes=nodes_for(int(nu[users].max()), cap),
             users=torch.as_tensor(users, device=device),
-            pattern_pair=torch.as_tensor(uniq[:, 0], device=device),
-            k=torch.as_tensor(uniq[:, 1], device=device, dtype=dtype),
-            n=torch.as_tensor(uniq[:, 2], device=device, dtype=dtype),
+            pattern_kind=torch.as_tensor(uniq[:, 0], device=device),
+            count=torch.as_tensor(uniq[:, 1], device=device, dtype=dtype),
             incidence=inc,
         ))
-    return QuadraturePlan(stats.n_users, stats.n_pairs, buckets, torch.device(device), dtype)
+    k = stats.kinds()
+    kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
+                  pick_a=torch.as_tensor(k["pick_a"].astype(bool), device=device),
+                  first=torch.as_tensor(k["first"], device=device),
+                  gold=torch.as_tensor(k["gold"], device=device))
+    return QuadraturePlan(stats.n_users, stats.n_pairs, kinds, buckets,
+                          torch.as_tensor(stats.gold_a, device=device, dtype=dtype),
+                          torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
 
 
-def pattern_loglik(eta: torch.Tensor, mu: torch.Tensor, k: torch.Tensor, n: torch.Tensor,
-                   c: float = CASUAL) -> torch.Tensor:
-    """log of q^k (1-q)^(n-k), q = c + eta (mu - c); broadcasts eta against the patterns."""
-    q = c + eta * (mu - c)
-    return torch.xlogy(k, q) + torch.xlogy(n - k, 1.0 - q)
+def bucket_loglik_at(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu: torch.Tensor,
+                     rho: torch.Tensor | None = None, incidence: torch.Tensor | None = None) -> torch.Tensor:
+    """log L_u(eta_g) for every user of the bucket (or of ``incidence``'s rows) and point eta_g: [Ub, G]."""
+    m = plan.kinds.attentive_prob(mu)[bucket.pattern_kind].unsqueeze(1)
+    c = casual_prob(plan.kinds.first[bucket.pattern_kind], rho).to(eta.dtype).unsqueeze(1)
+    table = vote_loglik(eta.unsqueeze(0), m, c, bucket.count.unsqueeze(1))
+    return torch.sparse.mm(bucket.incidence if incidence is None else incidence, table)
 
 
-def bucket_loglik_at(bucket: Bucket, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """log L_u(x_g) for every user of the bucket and every point x_g: [Ub, G]."""
-    table = pattern_loglik(x.unsqueeze(0), mu[bucket.pattern_pair].unsqueeze(1),
-                           bucket.k.unsqueeze(1), bucket.n.unsqueeze(1))
-    return torch.sparse.mm(bucket.incidence, table)
+def gold_loglik(plan: QuadraturePlan, mu: torch.Tensor) -> torch.Tensor:
+    """sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)]: gold labels observe t directly."""
+    return (torch.xlogy(plan.gold_a, mu) + torch.xlogy(plan.gold_n - plan.gold_a, 1.0 - mu)).sum()
 
 
-def user_log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor,
-                      mu: torch.Tensor) -> torch.Tensor:
-    """log m_u for every user, [U]; users with no non-tie votes get 0."""
+def user_log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
+                      rho: torch.Tensor | None = None) -> torch.Tensor:
+    """log m_u for every user, [U]; users with no non-tie votes get 0. Gold's mu-term is not included."""
     out = torch.zeros(plan.n_users, dtype=plan.dtype, device=plan.device)
     for bk in plan.buckets:
         x, logw = gauss_jacobi(a, b, bk.n_nodes)
-        ll = bucket_loglik_at(bk, x.to(plan.dtype), mu)
+        ll = bucket_loglik_at(plan, bk, x.to(plan.dtype), mu, rho)
         out = out.index_put((bk.users,), torch.logsumexp(ll + logw.to(plan.dtype), dim=1))
     return out
 
 
-def log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """sum_u log m_u: the log-likelihood of all non-tie votes with eta and z integrated out."""
-    total = torch.zeros((), dtype=plan.dtype, device=plan.device)
+def log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
+                 rho: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(votes, gold | a, b, mu, rho) with every eta_u, z_n and t_n integrated out."""
+    total = gold_loglik(plan, mu)
     for bk in plan.buckets:
         x, logw = gauss_jacobi(a, b, bk.n_nodes)
-        ll = bucket_loglik_at(bk, x.to(plan.dtype), mu)
+        ll = bucket_loglik_at(plan, bk, x.to(plan.dtype), mu, rho)
         total = total + torch.logsumexp(ll + logw.to(plan.dtype), dim=1).sum()
     return total
 
 
-def cell_loglik(eta_user: torch.Tensor, mu: torch.Tensor, cells: dict[str, torch.Tensor]) -> torch.Tensor:
-    """sum over cells of log P(k | n, eta_u, mu_p) without the binomial coefficient, per cell [C]."""
-    return pattern_loglik(eta_user[cells["cell_user"]], mu[cells["cell_pair"]], cells["k"], cells["n"])
+def cell_loglik(eta_user: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor | None, plan: QuadraturePlan,
+                cells: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log P(cell's votes | eta_u) per cell [C], for methods that keep eta_u (EM, SVI, NUTS)."""
+    kind = cells["cell_kind"]
+    m = plan.kinds.attentive_prob(mu)[kind]
+    c = casual_prob(plan.kinds.first[kind], rho).to(eta_user.dtype)
+    return vote_loglik(eta_user[cells["cell_user"]], m, c, cells["count"])

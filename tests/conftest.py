@@ -1,3 +1,4 @@
+import heedful  # noqa: F401  (sets OpenMP's wait policy before torch loads)
 import numpy as np
 import pandas as pd
 import pytest
