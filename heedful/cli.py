@@ -38,7 +38,7 @@ def _parse_beta(text: str, what: str) -> tuple[float, float]:
 @app.command()
 def simulate(
     users: Annotated[int, typer.Option("--users", help="Number of users.")],
-    votes_per_user: Annotated[float, typer.Option("--votes-per-user", help="Votes per user (the mean if heavy-tailed).")],
+    votes_per_user: Annotated[float, typer.Option("--votes-per-user", help="Votes per user (mean if heavy-tailed).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Votes file (.parquet, .csv, .jsonl).")],
     mu: Annotated[float, typer.Option(help="P(the stronger model's answer is truly better), one pair.")] = 0.8,
     eta_prior: Annotated[str, typer.Option("--eta-prior", help="Population prior of eta.")] = "Beta(3, 5)",
@@ -98,7 +98,8 @@ def _summary(model, outdir: Path, elapsed: float) -> None:
     if len(model.pairs_) > 20:
         out.print(f"... and {len(model.pairs_) - 20} more pairs in params.json")
     learned = "learned" if ep["learned"] else "fixed"
-    iv = f", a in [{ep['a_lo']:.2f}, {ep['a_hi']:.2f}], b in [{ep['b_lo']:.2f}, {ep['b_hi']:.2f}]" if "a_lo" in ep else ""
+    iv = (f", a in [{ep['a_lo']:.2f}, {ep['a_hi']:.2f}], b in [{ep['b_lo']:.2f}, {ep['b_hi']:.2f}]"
+          if "a_lo" in ep else "")
     out.print(f"eta prior ({learned}): Beta({ep['a']:.3f}, {ep['b']:.3f}), mean {ep['mean']:.3f}{iv}")
     out.print(f"users who look inattentive (posterior mean eta < {p['casual_threshold']:g}): "
               f"{p['n_inattentive']:,} of {p['n_users']:,}")

@@ -83,7 +83,8 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         att_ng = att * no_gold
         pa = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pair, att_ng * pick_a)
         pn = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pair, att_ng)
-        mu_new = ((pa + plan.gold_a + al - 1) / (pn + plan.gold_n + al + be - 2).clamp_min(1e-300)).clamp(1e-9, 1 - 1e-9)
+        mu_new = (pa + plan.gold_a + al - 1) / (pn + plan.gold_n + al + be - 2).clamp_min(1e-300)
+        mu_new = mu_new.clamp(1e-9, 1 - 1e-9)
         mu = torch.where(free, mu_new, mu)
         if spec.learn_rho:
             cas = cnt * (1 - r) * known_order
