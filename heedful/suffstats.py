@@ -145,8 +145,9 @@ def _side(votes: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray]:
     if col not in votes.columns:
         z = np.zeros(len(votes), dtype=bool)
         return z, z
-    v = votes[col].to_numpy(dtype=object)
-    return (v == "a") | (v == "b"), v == "a"
+    v = votes[col].astype("string")
+    is_a = (v == "a").fillna(False).to_numpy(dtype=bool)
+    return is_a | (v == "b").fillna(False).to_numpy(dtype=bool), is_a
 
 
 def vote_stats(votes: pd.DataFrame, *, validated: bool = False) -> VoteStats:

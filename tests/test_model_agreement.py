@@ -1,0 +1,152 @@
+"""One truth, two paths: the Pyro programs and the fast exact marginal give the same numbers."""
+
+import numpy as np
+import pandas as pd
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from scipy.integrate import quad
+
+from heedful.inference.globals import Globals
+from heedful.model.behaviour import count_model, vote_model
+from heedful.model.likelihood import build_plan, log_marginal, user_log_marginal
+from heedful.suffstats import canonical_pairs, vote_stats
+
+F64 = torch.float64
+
+
+def _votes(seed: int, n: int = 80, users: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    a = rng.choice(["m1", "m2", "m3"], n)
+    b = np.where(a == "m1", "m2", np.where(a == "m2", "m3", "m1"))
+    gold = rng.choice(["a", "b", None], n, p=[0.15, 0.1, 0.75])
+    return pd.DataFrame({"user_id": rng.integers(0, users, n).astype(str), "model_a": a, "model_b": b,
+                         "choice": rng.choice(["a", "b", "tie"], n, p=[0.5, 0.4, 0.1]),
+                         "shown_first": rng.choice(["a", "b"], n), "gold": gold})
+
+
+def _vote_tensors(df: pd.DataFrame, users: pd.Index):
+    """Per-vote tensors in canonical orientation, straight from the rows (not from the statistics)."""
+    pair, _, flipped = canonical_pairs(df.model_a, df.model_b)
+    live = (df.choice != "tie").to_numpy()
+    y = ((df.choice == "a").to_numpy() ^ flipped).astype(float)
+    a_first = (df.shown_first == "a").to_numpy() ^ flipped
+    gold = np.where(df.gold.isna(), -1.0, ((df.gold == "a").to_numpy() ^ flipped).astype(float))
+    user = users.get_indexer(df.user_id)
+    return user, pair, y, np.where(a_first, 1, 2), gold, live
+
+
+def _pyro_user_marginal(u_mask, pair, y, first, gold, a, b, mu, rho, with_order):
+    """log p(votes of one user) by Pyro's TraceEnum_ELBO at fixed eta, eta integrated by adaptive quadrature."""
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    n = int(u_mask.sum())
+    kw = dict(n_users=1, n_pairs=3, a=a, b=b, mu_alpha=torch.ones(3, dtype=F64), mu_beta=torch.ones(3, dtype=F64),
+              first=torch.as_tensor(first[u_mask]) if with_order else None,
+              gold=torch.as_tensor(gold[u_mask], dtype=F64), rho=rho)
+    args = (torch.zeros(n, dtype=torch.long), torch.as_tensor(pair[u_mask]), torch.as_tensor(y[u_mask], dtype=F64))
+
+    def integrand(e: float) -> float:
+        model = poutine.condition(vote_model, {"mu": mu, "eta": torch.tensor([e], dtype=F64)})
+        return float(np.exp(-elbo.loss(model, lambda *_, **__: None, *args, **kw)))
+
+    val, _ = quad(integrand, 0, 1, epsabs=0, epsrel=1e-11, limit=200)
+    return np.log(val)
+
+
+@pytest.mark.parametrize("with_order", [False, True])
+def test_fast_path_equals_pyro_trace_enum(with_order):
+    df = _votes(0)
+    stats = vote_stats(df)
+    a, b = torch.tensor(2.5, dtype=F64), torch.tensor(1.7, dtype=F64)
+    mu = torch.tensor([0.8, 0.3, 0.65], dtype=F64)
+    rho = torch.tensor(0.7, dtype=F64) if with_order else None
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    user, pair, y, first, gold, live = _vote_tensors(df, stats.users)
+    # gold labels on ties still inform mu: the Pyro program sees them through the votes they sit on
+    tie_gold = (~live) & (gold >= 0)
+    expected = sum(_pyro_user_marginal((user == u) & live, pair, y, first, gold, a, b, mu, rho if with_order else 0.5,
+                                       with_order) for u in range(stats.n_users))
+    g = gold[tie_gold]
+    p = mu.numpy()[pair[tie_gold]]
+    expected += float(np.sum(g * np.log(p) + (1 - g) * np.log(1 - p)))
+    fast = float(log_marginal(plan, a, b, mu, rho))
+    assert fast == pytest.approx(expected, abs=1e-6)
+
+
+def test_gradients_match_finite_differences():
+    df = _votes(1, n=120)
+    stats = vote_stats(df)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    theta = torch.tensor([np.log(2.0), np.log(3.0), 0.4, 1.2, -0.8, 0.3], dtype=F64, requires_grad=True)
+
+    def f(th):
+        return log_marginal(plan, torch.exp(th[0]), torch.exp(th[1]), torch.sigmoid(th[2:5]), torch.sigmoid(th[5]))
+
+    (grad,) = torch.autograd.grad(f(theta), theta)
+    h = 1e-6
+    for i in range(len(theta)):
+        e = torch.zeros_like(theta)
+        e[i] = h
+        fd = (float(f(theta.detach() + e)) - float(f(theta.detach() - e))) / (2 * h)
+        assert float(grad[i]) == pytest.approx(fd, rel=1e-6, abs=1e-8)
+
+
+def test_count_model_equals_vote_model_at_fixed_eta():
+    df = _votes(2)
+    stats = vote_stats(df)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    cells = stats.tensors(torch.device("cpu"), F64)
+    a, b = torch.tensor(2.0, dtype=F64), torch.tensor(2.0, dtype=F64)
+    mu, rho = torch.tensor([0.8, 0.3, 0.65], dtype=F64), torch.tensor(0.6, dtype=F64)
+    eta = torch.rand(stats.n_users, dtype=F64)
+    user, pair, y, first, gold, live = _vote_tensors(df, stats.users)
+    ones = torch.ones(3, dtype=F64)
+    cond = {"mu": mu, "eta": eta}
+    vote_ll = -TraceEnum_ELBO(max_plate_nesting=1).loss(
+        poutine.condition(vote_model, cond), lambda *_, **__: None, torch.as_tensor(user[live]),
+        torch.as_tensor(pair[live]), torch.as_tensor(y[live], dtype=F64), n_users=stats.n_users, n_pairs=3, a=a, b=b,
+        mu_alpha=ones, mu_beta=ones, first=torch.as_tensor(first[live]), gold=torch.as_tensor(gold[live], dtype=F64),
+        rho=rho)
+    tie_gold = (~live) & (gold >= 0)
+    g, p = gold[tie_gold], mu.numpy()[pair[tie_gold]]
+    vote_ll += float(np.sum(g * np.log(p) + (1 - g) * np.log(1 - p)))
+    tr = poutine.trace(poutine.condition(count_model, cond)).get_trace(plan, cells, a=a, b=b, mu_alpha=ones,
+                                                                        mu_beta=ones, rho=rho)
+    assert float(tr.log_prob_sum()) == pytest.approx(vote_ll, abs=1e-8)
+
+
+def test_attentive_posterior_from_pyro_matches_closed_form():
+    """TraceEnum_ELBO.compute_marginals gives P(z_n = 1 | y_n, eta) = eta m / (c + eta (m - c))."""
+    pyro.clear_param_store()
+    user = torch.tensor([0, 0, 1, 1])
+    pair = torch.tensor([0, 0, 0, 0])
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64)
+    eta = torch.tensor([0.7, 0.2], dtype=F64)
+    mu = torch.tensor([0.8], dtype=F64)
+    ones = torch.ones(1, dtype=F64)
+    model = poutine.condition(vote_model, {"mu": mu, "eta": eta})
+    kw = dict(n_users=2, n_pairs=1, a=torch.tensor(2.0, dtype=F64), b=torch.tensor(2.0, dtype=F64),
+              mu_alpha=ones, mu_beta=ones)
+    marg = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(model, lambda *_, **__: None, user, pair, y, **kw)
+    p_z = marg["z"].probs if hasattr(marg["z"], "probs") else marg["z"].log_prob(torch.ones(4, dtype=F64)).exp()
+    e = eta[user]
+    m = torch.where(y == 1, mu[pair], 1 - mu[pair])
+    closed = e * m / (0.5 + e * (m - 0.5))
+    assert torch.allclose(p_z.reshape(-1).to(F64), closed, atol=1e-9)
+    # infer_discrete at temperature 0 gives the joint MAP of (z, t) per vote: z = 1 when e m beats the best
+    # casual explanation (1 - e) max(mu, 1 - mu) / 2
+    from pyro.infer import infer_discrete
+    tr = poutine.trace(infer_discrete(model, first_available_dim=-2, temperature=0)).get_trace(user, pair, y, **kw)
+    joint_map_z = e * m > (1 - e) * 0.5 * torch.maximum(mu[pair], 1 - mu[pair])
+    assert torch.equal(tr.nodes["z"]["value"].reshape(-1).bool(), joint_map_z)
+
+
+def test_user_marginals_sum_to_total_without_gold():
+    df = _votes(3).drop(columns=["gold"])
+    stats = vote_stats(df)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    g = Globals(torch.tensor(1.3, dtype=F64), torch.tensor(0.6, dtype=F64), torch.tensor([0.9, 0.2, 0.55], dtype=F64),
+                None)
+    assert float(user_log_marginal(plan, *g).sum()) == pytest.approx(float(log_marginal(plan, *g)), abs=1e-10)
