@@ -11,12 +11,16 @@ order of :data:`REASONS`.
 
 Per kept vote: epsilon_u = E[(1 - eta_u) / 2 | y_u] = (1 - eta_mean_u) / 2, the probability that a
 coin-flip casual label disagrees with the truth (rDPO's flip rate). The posterior mean, not the mode,
-because the mode sits at 0 or 1 for many users and would claim noise-free labels.
+because the mode sits at 0 or 1 for many users and would claim noise-free labels. When the fit has a
+position bias rho (casual users pick the first-shown answer with probability rho) and the vote says
+which side was shown first: epsilon_n = (1 - eta_mean_u) (rho (1 - q_n) + (1 - rho) q_n), with
+q_n = P(the first-shown answer is truly better); rho = 1/2 gives (1 - eta)/2 back.
 
-P(eta_u > tau | y_u) is recomputed from the votes given here, the fit's mu (params.json) and its
-Beta(a, b) prior: p(eta | y_u) ~ Beta(eta; a, b) prod_n (eta m_n + (1 - eta) / 2), with
-m_n = P(the picked answer is truly better) = mu_AB when A was picked, 1 - mu_AB otherwise; integrated
-on a grid in x = logit(eta), tails beyond |x| = 20 in closed form.
+P(eta_u > tau | y_u) is recomputed from the votes given here, the fit's mu, rho (params.json) and its
+Beta(a, b) prior: p(eta | y_u) ~ Beta(eta; a, b) prod_n (eta m_n + (1 - eta) c_n), with
+m_n = P(the picked answer is truly better) = mu_AB when A was picked, 1 - mu_AB otherwise (1 or 0 on
+a vote with a gold label), c_n = P(this pick | casual) = 1/2, or rho / 1 - rho (picked the first- /
+second-shown answer); integrated on a grid in x = logit(eta), tails beyond |x| = 20 in closed form.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class Fit:
     users: pd.DataFrame
     pairs: pd.DataFrame
     eta_prior: tuple[float, float]
-    warnings: tuple[str, ...] = ()
+    rho: float | None = None  # position bias of casual users: P(pick the first-shown answer); None = 1/2
 
 
 def load_fit(outdir: str | Path) -> Fit:
@@ -70,29 +74,22 @@ def load_fit(outdir: str | Path) -> Fit:
         raise InputError(f"{up}: missing column(s) {', '.join(sorted(need))}")
     try:
         params = json.loads(pp.read_text(encoding="utf-8"))
-        pairs = pd.DataFrame(params["mu"], columns=None)[["model_a", "model_b", "mu"]]
+        pairs = pd.DataFrame(params["mu"])[["model_a", "model_b", "mu"]]
         prior = (float(params["eta_prior"]["a"]), float(params["eta_prior"]["b"]))
-    except (ValueError, KeyError, TypeError) as e:
+        rho = (params.get("position_bias") or {}).get("rho")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{pp}: not a heedful params.json ({type(e).__name__}: {e})") from e
-    casual = params.get("casual") or (params.get("behaviour") or {}).get("casual") or "uniform"
-    warn = (
-        ()
-        if casual == "uniform"
-        else (
-            f"the fit models casual users as {casual!r}; P(eta > tau) and weights here assume "
-            "coin-flip casual picks",
-        )
-    )
-    return Fit(users=users, pairs=pairs, eta_prior=prior, warnings=warn)
+    return Fit(users=users, pairs=pairs, eta_prior=prior, rho=None if rho is None else float(rho))
 
 
 def fit_of(model) -> Fit:
     """The :class:`Fit` of a fitted :class:`heedful.inference.Attentiveness` (no files needed)."""
-    ep = model.eta_prior_
+    ep, rho = model.eta_prior_, getattr(model, "rho_", None)
     return Fit(
         users=model.users_,
         pairs=model.pairs_[["model_a", "model_b", "mu"]],
         eta_prior=(float(ep["a"]), float(ep["b"])),
+        rho=None if rho is None else float(rho["rho"]),
     )
 
 
@@ -160,9 +157,7 @@ def _norm(df: pd.DataFrame, col: str) -> pd.Series:
 def _invalid(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Rows that break the vote contract, and a short note saying why (first failing check)."""
     checks: list[tuple[np.ndarray, str]] = [(_blank(df, c), f"empty {c}") for c in REQUIRED]
-    checks.append(
-        (~_norm(df, "choice").isin(CHOICES).to_numpy(dtype=bool, na_value=False), "choice not a/b/tie")
-    )
+    checks.append((~_norm(df, "choice").isin(CHOICES).to_numpy(dtype=bool, na_value=False), "choice not a/b/tie"))
     same = df.model_a.astype("string").str.strip() == df.model_b.astype("string").str.strip()
     checks.append((same.to_numpy(dtype=bool, na_value=False), "model_a equals model_b"))
     for c in ("shown_first", "gold"):
@@ -194,36 +189,34 @@ def _pair_mu(df: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
     """P(the row's model_a is truly better), from the fit's pairs in either orientation; NaN if unknown."""
     fwd = pairs.rename(columns={"mu": "mu_a"})[["model_a", "model_b", "mu_a"]]
     rev = pd.DataFrame({"model_a": pairs.model_b, "model_b": pairs.model_a, "mu_a": 1.0 - pairs.mu})
-    table = (
-        pd.concat([fwd, rev]).drop_duplicates(["model_a", "model_b"]).astype({"model_a": str, "model_b": str})
-    )
-    key = pd.DataFrame(
-        {"model_a": df.model_a.astype(str).str.strip(), "model_b": df.model_b.astype(str).str.strip()}
-    )
+    table = pd.concat([fwd, rev]).drop_duplicates(["model_a", "model_b"]).astype({"model_a": str, "model_b": str})
+    key = pd.DataFrame({"model_a": df.model_a.astype(str).str.strip(), "model_b": df.model_b.astype(str).str.strip()})
     return key.merge(table, on=["model_a", "model_b"], how="left").mu_a.to_numpy(dtype=float)
 
 
 def posterior_grid(
     user: np.ndarray,
     m: np.ndarray,
+    c: np.ndarray,
     n_users: int,
     a: float,
     b: float,
     tau: float | None = None,
     chunk: int = 2000,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Posterior mean of eta_u and P(eta_u > tau) given votes with m_n = P(picked answer truly better).
+    """Posterior mean of eta_u and P(eta_u > tau) given, per vote, m_n = P(picked answer truly better) and
+    c_n = P(this pick | casual) (1/2, or rho / 1 - rho with position bias).
 
-    p(eta | y_u) ~ eta^(a-1) (1-eta)^(b-1) prod_n (eta m_n + (1 - eta)/2); in x = logit(eta) the density
+    p(eta | y_u) ~ eta^(a-1) (1-eta)^(b-1) prod_n (eta m_n + (1 - eta) c_n); in x = logit(eta) the density
     is L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b, integrated by the trapezoid rule on [-20, 20] with
     the tails (~ e^(a x), e^(-b x)) added in closed form.
     """
-    uniq, j = np.unique(np.round(m, 12), return_inverse=True)
-    counts = sparse.csr_matrix((np.ones(len(user)), (user, j)), shape=(n_users, len(uniq)))
+    uniq, j = np.unique(np.round(np.stack([m, c], axis=1), 12), axis=0, return_inverse=True)
+    counts = sparse.csr_matrix((np.ones(len(user)), (user, j.ravel())), shape=(n_users, len(uniq)))
     x = np.linspace(-X_EDGE, X_EDGE, GRID)
     h = x[1] - x[0]
     eta = 1.0 / (1.0 + np.exp(-x))
-    table = np.log(eta[None, :] * uniq[:, None] + (1.0 - eta[None, :]) / 2.0)  # (J, G)
+    table = np.log(eta[None, :] * uniq[:, :1] + (1.0 - eta[None, :]) * uniq[:, 1:])  # (J, G)
     log_prior = a * -np.logaddexp(0, -x) + b * -np.logaddexp(0, x)
     mean = np.empty(n_users)
     above = np.empty(n_users) if tau is not None else None
@@ -235,9 +228,7 @@ def posterior_grid(
         ell = (counts[s : s + chunk] @ table) + log_prior
         d = np.exp(ell - ell.max(axis=1, keepdims=True))
         lo_tail, hi_tail = d[:, 0] / a, d[:, -1] / b
-        cum = np.concatenate(
-            [np.zeros((len(d), 1)), np.cumsum(0.5 * (d[:, 1:] + d[:, :-1]) * h, axis=1)], axis=1
-        )
+        cum = np.concatenate([np.zeros((len(d), 1)), np.cumsum(0.5 * (d[:, 1:] + d[:, :-1]) * h, axis=1)], axis=1)
         total = lo_tail + cum[:, -1] + hi_tail
         de = d * eta
         m1 = np.trapezoid(de, dx=h, axis=1) + d[:, 0] * eta[0] / (a + 1) + hi_tail
@@ -248,9 +239,7 @@ def posterior_grid(
     return mean, above
 
 
-def _keep_users(
-    rule: Rule, users: pd.DataFrame, votes_per_user: pd.Series, prob: pd.Series | None
-) -> pd.Index:
+def _keep_users(rule: Rule, users: pd.DataFrame, votes_per_user: pd.Series, prob: pd.Series | None) -> pd.Index:
     if rule.min_eta is not None:
         return pd.Index(users.user_key[users.eta_hat >= rule.min_eta])
     if rule.min_prob is not None:
@@ -268,19 +257,17 @@ def filter_votes(
 ) -> Filtered:
     """Audit every row and keep the non-tie votes with text of the users the rule keeps.
 
-    ``weights=True`` adds w_n = P(z_n = 1 | y_n, eta_u = eta_mean_u) = eta m_n / (eta m_n + (1 - eta) / 2).
+    ``weights=True`` adds w_n = P(z_n = 1 | y_n, eta_u = eta_mean_u) = eta m_n / (eta m_n + (1 - eta) c_n).
     It is larger when the user picked the stronger model, so weighting by it writes the model prior
     into the labels (see docs/filtering.md); it is off unless asked for.
     """
     missing = [c for c in REQUIRED if c not in votes.columns]
     if missing:
-        raise InputError(
-            f"votes: missing column(s) {', '.join(missing)}; found {', '.join(map(str, votes.columns))}"
-        )
+        raise InputError(f"votes: missing column(s) {', '.join(missing)}; found {', '.join(map(str, votes.columns))}")
     df = votes.reset_index(drop=True)
     n = len(df)
     mode = _text_mode(df)
-    warnings = list(fit.warnings)
+    warnings: list[str] = []
     invalid, note = _invalid(df)
     dup = np.zeros(n, dtype=bool)
     if "vote_id" in df.columns:
@@ -314,17 +301,27 @@ def filter_votes(
     mu_a[scored] = _pair_mu(df[scored], fit.pairs)
     unknown = scored & np.isnan(mu_a)
     if unknown.any():
-        warnings.append(
-            f"{int(unknown.sum())} votes are on pairs the fit does not know; mu = 1/2 taken for them"
-        )
+        warnings.append(f"{int(unknown.sum())} votes are on pairs the fit does not know; mu = 1/2 taken for them")
     m = np.where(choice == "a", mu_a, 1.0 - mu_a)
     m = np.where(np.isnan(m), 0.5, m)
+    if "gold" in df.columns:  # a gold label fixes t: the attentive pick is right (m = 1) or wrong (m = 0)
+        gold = _norm(df, "gold").fillna("").to_numpy(dtype=object)
+        m = np.where(np.isin(gold, SIDES), (gold == choice).astype(float), m)
+    rho = 0.5 if fit.rho is None else fit.rho
+    first = _norm(df, "shown_first").fillna("").to_numpy(dtype=object) if "shown_first" in df.columns else None
+    if first is None or fit.rho is None:
+        c = np.full(n, 0.5)
+        q_first = np.full(n, 0.5)
+    else:
+        c = np.where(first == choice, rho, np.where(np.isin(first, SIDES), 1.0 - rho, 0.5))
+        mu_first = np.where(first == "a", mu_a, 1.0 - mu_a)  # P(the first-shown answer is truly better)
+        q_first = np.where(np.isin(first, SIDES) & ~np.isnan(mu_first), mu_first, 0.5)
 
     prob = None
     if rule.min_prob is not None:
         codes, uniq = pd.factorize(pd.concat([users.user_key, key[scored]]), sort=False)
         u_codes = codes[len(users) :]
-        mean, above = posterior_grid(u_codes, m[scored], len(uniq), *fit.eta_prior, tau=rule.tau)
+        mean, above = posterior_grid(u_codes, m[scored], c[scored], len(uniq), *fit.eta_prior, tau=rule.tau)
         prob = pd.Series(above[: len(users)], index=users.user_key.to_numpy())
         gap = np.abs(mean[: len(users)] - users.eta_mean.to_numpy())
         if len(gap) and np.nanmax(gap) > 0.02:
@@ -341,9 +338,7 @@ def filter_votes(
     eta_hat = key.map(users.set_index("user_key").eta_hat).to_numpy(dtype=float)
     eta_mean = key.map(users.set_index("user_key").eta_mean).to_numpy(dtype=float)
     vote_id = (
-        df.vote_id.astype("string")
-        if "vote_id" in df.columns
-        else pd.Series(np.arange(n).astype(str), dtype="string")
+        df.vote_id.astype("string") if "vote_id" in df.columns else pd.Series(np.arange(n).astype(str), dtype="string")
     )
     audit = pd.DataFrame(
         {
@@ -360,7 +355,8 @@ def filter_votes(
     )
     if prob is not None:
         audit["prob_above"] = key.map(prob).to_numpy(dtype=float)
-    eps = (1.0 - eta_mean) / 2.0
+    # flip rate: (1 - eta) P(casual pick != truth) = (1 - eta) (rho (1 - q) + (1 - rho) q), q = P(first-shown better)
+    eps = (1.0 - eta_mean) * (rho * (1.0 - q_first) + (1.0 - rho) * q_first)
     kept = df[kept_mask].copy()
     kept.insert(0, "row", np.flatnonzero(kept_mask))
     kept["vote_id"] = vote_id[kept_mask].to_numpy(dtype=object)
@@ -371,7 +367,7 @@ def filter_votes(
         eps[kept_mask],
     )
     if weights:
-        w = eta_mean * m / (eta_mean * m + (1.0 - eta_mean) / 2.0)
+        w = eta_mean * m / (eta_mean * m + (1.0 - eta_mean) * c)
         audit["weight"] = np.where(scored, w, np.nan)
         kept["weight"] = w[kept_mask]
     counts = {"rows": n, "kept": int(kept_mask.sum())}
