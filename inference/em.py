@@ -113,7 +113,9 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
 
     H = hessian_fd(grad, theta) if theta.numel() else np.zeros((0, 0))
     cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
-    warnings += w
+    if w:
+        warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "
+                        "(EM overstates mu when users have few votes); --method marginal gives intervals")
     with torch.no_grad():
         ll = float(log_marginal(plan, at, bt, mu, rho))
     return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=rho_f, theta=theta.cpu().numpy(), cov=cov,
