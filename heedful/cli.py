@@ -60,10 +60,11 @@ def simulate(
     out.print(f"wrote {len(sim.votes):,} votes of {users:,} users to {output} and the true eta to {truth}")
 
 
-def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: str, device: str, dtype: str):
+def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: str, device: str, dtype: str,
+                   options: dict | None = None):
     from heedful.config import load_priors
     from heedful.inference import Attentiveness
-    from heedful.outputs import write_fit
+    from heedful.outputs import write_fit, write_inference_data
     from heedful.votes import read_votes
 
     priors = load_priors(config)
@@ -77,8 +78,11 @@ def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: 
         def progress(it: int, obj: float) -> None:
             bar.update(task, description=f"fitting ({method}): iteration {it}, objective {obj:,.3f}")
 
-        model = Attentiveness(method=method, priors=priors, device=device, dtype=dtype, progress=progress).fit(votes)
+        model = Attentiveness(method=method, priors=priors, device=device, dtype=dtype, progress=progress,
+                              options=options).fit(votes)
         bar.update(task, description="writing")
+        if model.inference_data_ is not None:
+            write_inference_data(outdir / "posterior.nc", model.inference_data_)
         write_fit(outdir, model.users_, model.params())
     _summary(model, outdir, time.perf_counter() - t0)
     return model
@@ -113,12 +117,17 @@ def fit(
     votes: Annotated[Path, typer.Argument(help="Votes file: .csv, .tsv, .parquet or .jsonl.")],
     outdir: Annotated[Path, typer.Option("-o", "--output", help="Output folder for users.parquet and params.json.")],
     config: Annotated[Path | None, typer.Option("--config", help="Priors TOML file.")] = None,
-    method: Annotated[str, typer.Option(help="marginal (default) or em.")] = "marginal",
+    method: Annotated[str, typer.Option(help="marginal (default), em, svi or nuts.")] = "marginal",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float64 (default) or float32.")] = "float64",
+    draws: Annotated[int | None, typer.Option(help="nuts: draws per chain; svi: posterior draws.")] = None,
+    warmup: Annotated[int | None, typer.Option(help="nuts: warm-up steps per chain.")] = None,
+    chains: Annotated[int | None, typer.Option(help="nuts: number of chains.")] = None,
+    seed: Annotated[int | None, typer.Option(help="svi/nuts: random seed.")] = None,
 ) -> None:
-    """Fit the behaviour model; write OUTDIR/users.parquet and OUTDIR/params.json."""
-    _fit_and_write(votes, outdir, config, method, device, dtype)
+    """Fit the behaviour model; write OUTDIR/users.parquet and OUTDIR/params.json (+ posterior.nc for svi/nuts)."""
+    options = {k: v for k, v in dict(draws=draws, warmup=warmup, chains=chains, seed=seed).items() if v is not None}
+    _fit_and_write(votes, outdir, config, method, device, dtype, options)
 
 
 @app.command()

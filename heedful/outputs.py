@@ -64,3 +64,8 @@ def write_fit(outdir: str | Path, users: pd.DataFrame, params: dict) -> None:
     outdir = Path(outdir)
     write_table(outdir / "users.parquet", users)
     write_json(outdir / "params.json", params)
+
+
+def write_inference_data(path: str | Path, idata) -> None:
+    """An arviz.InferenceData as NetCDF, atomically."""
+    _atomic(Path(path), lambda tmp: idata.to_netcdf(tmp))

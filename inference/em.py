@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from heedful.errors import InputError
 from heedful.inference.globals import Globals, GlobalSpec, initial_mu
 from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
 from heedful.model.likelihood import QuadraturePlan, casual_prob, gold_loglik, log_marginal, vote_loglik
-
-from heedful.errors import InputError
 from heedful.suffstats import VoteStats
 
 EM_DEFAULT_PRIOR = (1.0, 1.0)

@@ -9,26 +9,85 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Self
 
 import numpy as np
 import pandas as pd
 import torch
+
+from heedful import __version__
+from heedful.config import Priors
+from heedful.device import resolve_device, resolve_dtype
+from heedful.errors import InputError
 from heedful.inference.em import fit_em
 from heedful.inference.globals import GlobalSpec, global_spec
 from heedful.inference.marginal import fit_marginal
 from heedful.inference.posterior import UserPosterior, user_posterior
 from heedful.inference.result import GlobalFit, ProgressFn, global_intervals
 from heedful.model.likelihood import QuadraturePlan, build_plan
-
-from heedful import __version__
-from heedful.config import Priors
-from heedful.device import resolve_device, resolve_dtype
-from heedful.errors import InputError
 from heedful.suffstats import VoteStats, vote_stats
 from heedful.votes import validate_votes
 
-METHODS = ("marginal", "em")
+
+@dataclass
+class FitContext:
+    """What every fitting method receives: the data in all its forms and the estimator's settings."""
+
+    stats: VoteStats
+    plan: QuadraturePlan
+    spec: GlobalSpec
+    cells: dict[str, torch.Tensor]
+    tol: float
+    max_iter: int
+    level: float
+    progress: ProgressFn | None
+    options: dict = field(default_factory=dict)   # method-specific (draws, chains, seed, ...)
+
+
+@dataclass
+class MethodResult:
+    """A method's output: the globals, and optionally its own per-user posterior and extra artefacts."""
+
+    fit: GlobalFit
+    posterior: UserPosterior | None = None        # None: computed from fit by the exact posterior
+    inference_data: object | None = None          # an arviz.InferenceData for sampling methods
+    diagnostics: dict = field(default_factory=dict)
+
+
+def _marginal(ctx: FitContext) -> MethodResult:
+    return MethodResult(fit_marginal(ctx.stats, ctx.plan, ctx.spec, tol=ctx.tol, max_iter=ctx.max_iter,
+                                     progress=ctx.progress))
+
+
+def _em(ctx: FitContext) -> MethodResult:
+    return MethodResult(fit_em(ctx.stats, ctx.plan, ctx.spec, ctx.cells, tol=ctx.tol, max_iter=ctx.max_iter,
+                               progress=ctx.progress))
+
+
+# name -> fitting function, or "module:function" imported on first use (keeps start-up light)
+FITTERS: dict[str, Callable[[FitContext], MethodResult] | str] = {
+    "marginal": _marginal,
+    "em": _em,
+    "svi": "heedful.inference.svi:fit_svi",
+    "nuts": "heedful.inference.nuts:fit_nuts",
+}
+METHODS = tuple(FITTERS)
+
+
+def _fitter(name: str) -> Callable[[FitContext], MethodResult]:
+    f = FITTERS[name]
+    if isinstance(f, str):
+        import importlib
+
+        module, func = f.split(":")
+        try:
+            f = getattr(importlib.import_module(module), func)
+        except ImportError as e:
+            raise InputError(f"--method {name} is not available in this installation ({e})") from None
+        FITTERS[name] = f
+    return f
 
 
 class Attentiveness:
@@ -39,14 +98,16 @@ class Attentiveness:
     (of the central intervals), ``progress`` (callback ``(iteration, objective)``).
 
     Attributes after ``fit``: ``users_``, ``pairs_``, ``eta_prior_``, ``log_likelihood_``,
-    ``n_iter_``, ``converged_``, ``warnings_``, ``stats_``, ``fit_``, ``posterior_``.
+    ``n_iter_``, ``converged_``, ``warnings_``, ``stats_``, ``fit_``, ``posterior_``, ``inference_data_``
+    (sampling methods), ``diagnostics_``.
     """
 
     def __init__(self, method: str = "marginal", priors: Priors | None = None, *, device: str = "auto",
                  dtype: str = "float64", level: float = 0.90, tol: float | None = None,
-                 max_iter: int | None = None, progress: ProgressFn | None = None) -> None:
-        if method not in METHODS:
-            raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+                 max_iter: int | None = None, progress: ProgressFn | None = None,
+                 options: dict | None = None) -> None:
+        if method not in FITTERS:
+            raise InputError(f"--method must be one of {', '.join(FITTERS)}, not {method!r}")
         if not 0 < level < 1:
             raise InputError(f"level must lie in (0, 1), got {level}")
         self.method = method
@@ -57,6 +118,7 @@ class Attentiveness:
         self.tol = tol if tol is not None else self.priors.tol
         self.max_iter = max_iter if max_iter is not None else self.priors.max_iter
         self.progress = progress
+        self.options = dict(options or {})
 
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, votes: pd.DataFrame | VoteStats) -> Self:
@@ -68,13 +130,15 @@ class Attentiveness:
         spec = global_spec(stats, self.priors)
         plan = build_plan(stats, dev, dt)
         cells = stats.tensors(dev, dt)
-        if self.method == "marginal":
-            gfit = fit_marginal(stats, plan, spec, tol=self.tol, max_iter=self.max_iter, progress=self.progress)
-        else:
-            gfit = fit_em(stats, plan, spec, cells, tol=self.tol, max_iter=self.max_iter, progress=self.progress)
-        post = user_posterior(plan, cells, gfit.a, gfit.b, torch.as_tensor(gfit.mu, dtype=dt, device=dev),
-                              gfit.rho, level=self.level)
+        ctx = FitContext(stats, plan, spec, cells, self.tol, self.max_iter, self.level, self.progress, self.options)
+        result = _fitter(self.method)(ctx)
+        gfit = result.fit
+        post = result.posterior or user_posterior(plan, cells, gfit.a, gfit.b,
+                                                  torch.as_tensor(gfit.mu, dtype=dt, device=dev), gfit.rho,
+                                                  level=self.level)
         self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
+        self.inference_data_ = result.inference_data
+        self.diagnostics_ = result.diagnostics
         self._plan, self._cells = plan, cells
         self._finish(time.perf_counter() - t0, dev, dt)
         return self
@@ -173,6 +237,7 @@ class Attentiveness:
             "dtype": str(self._dtype).replace("torch.", ""),
             "elapsed_s": round(self.elapsed_, 3),
             "heedful_version": __version__,
+            **({"diagnostics": self.diagnostics_} if self.diagnostics_ else {}),
         }
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import optimize
+
 from heedful.inference.globals import GlobalSpec, initial_mu
 from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
 from heedful.model.likelihood import QuadraturePlan, log_marginal
-from scipy import optimize
-
 from heedful.suffstats import VoteStats
 
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats as sstats
+
 from heedful.model.likelihood import QuadraturePlan, bucket_loglik_at, casual_prob
 from heedful.model.quadrature import gauss_jacobi
-from scipy import stats as sstats
 
 X_EDGE = 20.0
 MAX_ELEMENTS = 4_000_000   # grid cells per chunk: bounds memory whatever the number of users

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from heedful.inference.globals import GlobalSpec
 from scipy import stats as sstats
+
+from heedful.inference.globals import GlobalSpec
 
 ProgressFn = Callable[[int, float], None]
 
