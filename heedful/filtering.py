@@ -347,7 +347,7 @@ def filter_votes(
             "user_id": df.user_id.to_numpy(),
             "choice": choice,
             "status": np.where(kept_mask, "kept", "dropped").astype(object),
-            "reason": pd.Series(reason, dtype=object).where(~kept_mask, None).to_numpy(),
+            "reason": np.where(kept_mask, None, reason).astype(object),
             "detail": np.where(invalid, note, None),
             "eta_hat": eta_hat,
             "eta_mean": eta_mean,
