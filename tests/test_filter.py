@@ -107,7 +107,6 @@ def test_keep_fraction_keeps_the_most_attentive_users_first():
 
 def test_posterior_from_files_matches_the_estimator(tmp_path):
     from heedful.inference import Attentiveness
-
     from heedful.outputs import write_fit
     from heedful.simulate import simulate
 
