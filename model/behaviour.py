@@ -21,8 +21,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from heedful.model.likelihood import CASUAL, QuadraturePlan, cell_loglik, log_marginal
 from pyro import poutine
+
+from heedful.model.likelihood import CASUAL, QuadraturePlan, cell_loglik, log_marginal
 
 _EPS = 1e-12  # keeps P(y = t | attentive) off 0 and 1 so log-probabilities stay finite
 

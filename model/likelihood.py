@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from heedful.model.quadrature import gauss_jacobi, nodes_for
 
+from heedful.model.quadrature import gauss_jacobi, nodes_for
 from heedful.suffstats import VoteStats
 
 CASUAL = 0.5        # a casual user's probability of picking either answer when the order is unknown
