@@ -134,26 +134,65 @@ def fit(
 def demo(
     outdir: Annotated[Path, typer.Option("-o", "--output", help="Folder for the demo's files.")] = Path("demo-out"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    users: Annotated[int, typer.Option("--users", help="Simulated users.")] = 2000,
+    votes_per_user: Annotated[float, typer.Option("--votes-per-user", help="Mean votes per user (heavy-tailed).")] = 12,
+    position_bias: Annotated[float, typer.Option(
+        "--position-bias", help="P(a casual user picks the first-shown answer); 0.5 = a coin.")] = 0.5,
+    data: Annotated[Path | None, typer.Option("--data", help="MT-bench folder (default: ../shared/data).")] = None,
 ) -> None:
-    """Run the whole pipeline on a bundled simulated log: simulate, fit, and report against the truth."""
+    """Real-text demo: MT-bench questions and answers, simulated users -> fit -> filter -> dpo.jsonl, vs the truth."""
     import numpy as np
 
+    from heedful.dpo import dpo_records, write_dpo
+    from heedful.filtering import Rule, filter_votes, load_fit
+    from heedful.mtbench import agreement, default_data_dir, simulate_mtbench
     from heedful.outputs import write_table
-    from heedful.simulate import default_pairs
-    from heedful.simulate import simulate as run
 
-    sim = run(2000, 15, eta_prior=(2.0, 2.0), pairs=default_pairs(3, 0.8), vote_counts="geometric",
-              tie_rate=0.05, seed=seed)
+    data_dir = data if data is not None else default_data_dir()
+    if data_dir is None:
+        out.print("[yellow]demo: ../shared/data/mt-bench not found: using synthetic placeholder text "
+                  "(the statistics are the same; the DPO records are not real text)[/yellow]")
+    sim, corpus = simulate_mtbench(users, votes_per_user, data_dir=data_dir, rho=position_bias, seed=seed)
     votes_path = outdir / "votes.parquet"
     write_table(votes_path, sim.votes)
     write_table(outdir / "truth.parquet", sim.users)
-    out.print(f"demo: simulated {len(sim.votes):,} votes of {len(sim.users):,} users -> {votes_path}")
-    model = _fit_and_write(votes_path, outdir / "fit", None, "marginal", "auto", "float64")
+    src = f"MT-bench ({data_dir})" if corpus.real else "synthetic text"
+    out.print(f"demo: simulated {len(sim.votes):,} votes of {len(sim.users):,} users on {src} -> {votes_path}")
+    config = None
+    if position_bias != 0.5:
+        config = outdir / "priors.toml"
+        config.write_text('[behaviour]\ncasual = "position"\n', encoding="utf-8")
+    model = _fit_and_write(votes_path, outdir / "fit", config, "marginal", "auto", "float64")
     u = model.users_.merge(sim.users, on="user_id")
     inside = float(np.mean((u.true_eta >= u.eta_lo) & (u.true_eta <= u.eta_hi)))
     corr = float(np.corrcoef(u.eta_mean, u.true_eta)[0, 1])
     out.print(f"demo: correlation of eta_mean with the true eta {corr:.3f}; "
               f"90% intervals hold the true eta for {inside:.1%} of users")
+    fit = load_fit(outdir / "fit")
+    n_all, agree_all = agreement(sim.votes)
+    t = Table("kept by", "votes kept", "share", "labels agreeing with the truth", box=None)
+    t.add_row("all non-tie votes", f"{n_all:,}", "100%", f"{agree_all:.1%}")
+    rules = [Rule(min_eta=0.5), Rule(min_prob=0.9, tau=0.5), Rule(keep_fraction=0.5)]
+    results = [filter_votes(sim.votes, fit, r) for r in rules]
+    for r, res in zip(rules, results, strict=True):
+        n, agree = agreement(sim.votes, res.kept.row.to_numpy())
+        t.add_row(r.describe(), f"{n:,}", f"{n / n_all:.0%}", f"{agree:.1%}")
+    att_users = sim.users.user_id[sim.users.true_type == "attentive"]
+    att = sim.votes[(sim.votes.choice != "tie") & sim.votes.user_id.isin(att_users)]
+    t.add_row("(oracle: users of the attentive type)", f"{len(att):,}", f"{len(att) / n_all:.0%}",
+              f"{(att.choice == att.true_better).mean():.1%}")
+    out.print(t)
+    main_res = results[1]
+    records = dpo_records(main_res.kept)
+    write_dpo(outdir / "dpo.jsonl", records)
+    write_table(outdir / "audit.parquet", main_res.audit)
+    counts = ", ".join(f"{k} {v:,}" for k, v in main_res.counts.items() if v and k not in ("rows", "kept"))
+    out.print(f"demo: wrote {len(records):,} DPO records ({rules[1].describe()}) to {outdir / 'dpo.jsonl'}; "
+              f"audit of {main_res.counts['rows']:,} rows: kept {main_res.counts['kept']:,}, dropped {counts}")
+    if len(records):
+        r0 = records.iloc[0]
+        out.print({k: (v[:80] + "..." if isinstance(v, str) and len(v) > 80 else v) for k, v in r0.items()},
+                  soft_wrap=True)
 
 
 def _register_commands() -> None:
