@@ -5,6 +5,7 @@ Errors in the input print one line and exit with code 2; ``--debug`` shows the t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -190,7 +191,10 @@ def demo(
     out.print(f"demo: wrote {len(records):,} DPO records ({rules[1].describe()}) to {outdir / 'dpo.jsonl'}; "
               f"audit of {main_res.counts['rows']:,} rows: kept {main_res.counts['kept']:,}, dropped {counts}")
     if len(records):
-        r0 = records.iloc[0]
+        import json
+
+        r0 = json.loads(records.iloc[:1].to_json(orient="records", force_ascii=False))[0]
+        out.print("demo: a DPO record (texts cut to 80 characters here):")
         out.print({k: (v[:80] + "..." if isinstance(v, str) and len(v) > 80 else v) for k, v in r0.items()},
                   soft_wrap=True)
 
@@ -208,27 +212,63 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _one_line(text: object) -> str:
+    """A message on one line: newlines (from parsers and libraries) folded into spaces."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _say(text: str) -> None:
+    print(_one_line(text), file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and nothing half-written stays."""
+    _STATE["signal"] = signum
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    """Entry point: input errors print one line (``heedful: error: ...``) and exit 2; ``--debug`` re-raises.
+
+    Usage errors (unknown or malformed options) exit 2 with one line too; interrupts exit 130 (SIGINT)
+    or 143 (SIGTERM) after removing temporary files; anything else is an internal error (exit 1).
+    """
+    import signal
+
     debug = "--debug" in sys.argv[1:]
+    _STATE["signal"] = None
+    with contextlib.suppress(ValueError):   # not the main thread: keep the default handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(standalone_mode=False)
     except InputError as e:
         if debug:
             raise
-        err.print(f"heedful: error: {e}", highlight=False, soft_wrap=True)
+        _say(f"heedful: error: {e}")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("heedful: interrupted; no output was written for the unfinished step")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
         if debug:
             raise
-        err.print(f"heedful: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-                  highlight=False, soft_wrap=True)
+        signum = _STATE["signal"] or signal.SIGINT
+        _say(f"heedful: interrupted ({signal.Signals(signum).name}); nothing was written for the unfinished step")
+        sys.exit(128 + signum)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.TyperException as e:     # click usage errors: one line, their own exit code (2)
+        if debug:
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        _say(f"heedful: error: {message}{hint}")
+        sys.exit(getattr(e, "exit_code", 2))
+    except OSError as e:
+        if debug:
+            raise
+        _say(f"heedful: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        _say(f"heedful: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
         sys.exit(1)

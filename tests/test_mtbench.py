@@ -65,4 +65,4 @@ def test_demo_end_to_end_filters_toward_the_truth(tmp_path):
     n_all, agree_all = agreement(votes)
     n_kept, agree_kept = agreement(votes, audit.row[audit.status == "kept"].to_numpy())
     assert n_kept < n_all and agree_kept > agree_all + 0.05
-    assert "labels agreeing with the truth" in r.output
+    assert "all non-tie votes" in r.output and "a DPO record" in r.output
