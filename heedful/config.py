@@ -7,6 +7,7 @@ eta = "Beta(3, 5)"      # a fixed prior; "learn" (default) estimates a and b
 [behaviour]
 casual = "uniform"      # coin-flip casual users; "position": they pick the first-shown answer
 rho = "learn"           #   with probability rho ("learn", a number, or a prior "Beta(2, 2)")
+rho_per_user = "learn"  # optional: each user's own rho_u ~ Beta(a_r, b_r), "learn" or "Beta(2, 2)"
 
 [generators]            # optional
 mu = "pairs"            # one mu per pair; "strengths": mu_AB = sigmoid(s_A - s_B)
@@ -22,6 +23,7 @@ mu = 0.8                # known; or mu = "Beta(8, 2)", a prior
 tol = 1e-9
 max_iter = 500
 mu_interval_warn = 0.25 # warn when a 90% interval for mu is wider than this
+profile = false         # profile-likelihood intervals for every learned mu (always where the Hessian fails)
 ```
 """
 
@@ -65,6 +67,7 @@ class Priors:
     casual: str = "uniform"
     rho: float | None = None                      # known position bias (casual = "position")
     rho_prior: tuple[float, float] = (1.0, 1.0)   # Beta prior on a learned rho
+    rho_user: str | tuple[float, float] | None = None   # per-user rho: "learn" or a fixed Beta(a_r, b_r)
     mu_model: str = "pairs"
     reference: str | None = None
     strength_sd: float = 0.0                      # Normal(0, sd) prior on strengths; 0: none
@@ -73,6 +76,7 @@ class Priors:
     max_iter: int = 500
     mu_interval_warn: float = 0.25
     casual_threshold: float = 0.5
+    profile: bool = False
     source: str = field(default="defaults", compare=False)
 
     def __post_init__(self) -> None:
@@ -130,9 +134,9 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
     beh = doc.get("behaviour", {})
     fit = doc.get("fit", {})
     gen = doc.get("generators", {})
-    for name, sec, keys in (("population", pop, {"eta"}), ("behaviour", beh, {"casual", "rho"}),
+    for name, sec, keys in (("population", pop, {"eta"}), ("behaviour", beh, {"casual", "rho", "rho_per_user"}),
                             ("generators", gen, {"mu", "reference", "strength_prior"}),
-                            ("fit", fit, set(_FIT_KEYS))):
+                            ("fit", fit, set(_FIT_KEYS) | {"profile"})):
         if not isinstance(sec, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         bad = set(sec) - keys
@@ -146,6 +150,10 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
     if not isinstance(pairs, list):
         raise ConfigError(f"{source}: pairs must be an array of tables ([[pairs]])")
     settings = {}
+    if "profile" in fit:
+        if not isinstance(fit["profile"], bool):
+            raise ConfigError(f"{source}: fit.profile must be true or false")
+        settings["profile"] = fit["profile"]
     for k, typ in _FIT_KEYS.items():
         if k in fit:
             v = fit[k]
@@ -167,6 +175,15 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
         raise ConfigError(f"{source}: behaviour.rho must be \"learn\", a number or \"Beta(a, b)\"")
     if (rho is not None or rho_prior != (1.0, 1.0)) and casual != "position":
         raise ConfigError(f"{source}: behaviour.rho is set but behaviour.casual is not \"position\"")
+    rho_user = beh.get("rho_per_user")
+    if rho_user is not None:
+        if not isinstance(rho_user, str):
+            raise ConfigError(f"{source}: behaviour.rho_per_user must be \"learn\" or \"Beta(a, b)\"")
+        rho_user = "learn" if rho_user.strip().lower() == "learn" else beta_of(rho_user, "behaviour.rho_per_user")
+        if casual != "position":
+            raise ConfigError(f"{source}: behaviour.rho_per_user is set but behaviour.casual is not \"position\"")
+        if "rho" in beh:
+            raise ConfigError(f"{source}: give behaviour.rho (one rho) or behaviour.rho_per_user, not both")
     mu_model = gen.get("mu", "pairs")
     reference = gen.get("reference")
     if not isinstance(mu_model, str) or (reference is not None and not isinstance(reference, str)):
@@ -177,7 +194,8 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
         if name != "Normal" or args[0] != 0:
             raise ConfigError(f"{source}: generators.strength_prior must be \"Normal(0, sd)\"")
         strength_sd = args[1]
-    return Priors(eta=eta, casual=casual, rho=rho, rho_prior=rho_prior, mu_model=mu_model.strip().lower(),
+    return Priors(eta=eta, casual=casual, rho=rho, rho_prior=rho_prior, rho_user=rho_user,
+                  mu_model=mu_model.strip().lower(),
                   reference=reference, strength_sd=strength_sd,
                   pairs=tuple(_pair(e, i) for i, e in enumerate(pairs)), source=source, **settings)
 

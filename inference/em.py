@@ -29,10 +29,14 @@ def em_objective(eta: torch.Tensor, g: Globals, spec: GlobalSpec, plan: Quadratu
                  cells: dict[str, torch.Tensor]) -> torch.Tensor:
     kind = cells["cell_kind"]
     m = plan.kinds.attentive_prob(g.mu)[kind]
-    c = casual_prob(plan.kinds.first[kind], g.rho).to(eta.dtype)
+    per_user = g.rho is not None and g.rho.dim() == 1
+    c = casual_prob(plan.kinds.first[kind], g.rho[cells["cell_user"]] if per_user else g.rho).to(eta.dtype)
     ll = vote_loglik(eta[cells["cell_user"]], m, c, cells["count"]).sum() + gold_loglik(plan, g.mu)
     lp = (torch.xlogy(g.a - 1.0, eta) + torch.xlogy(g.b - 1.0, 1 - eta)).sum()
-    return ll + lp + spec.log_prior(torch.zeros(0, dtype=eta.dtype), g)
+    if per_user:
+        ra, rb = g.rho_prior
+        lp = lp + (torch.xlogy(ra - 1.0, g.rho) + torch.xlogy(rb - 1.0, 1 - g.rho)).sum()
+    return ll + lp + spec.log_prior(torch.zeros(0, dtype=eta.dtype), g._replace(rho=None))
 
 
 def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor], *,
@@ -60,19 +64,28 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
     at, bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
     mu = torch.as_tensor(initial_mu(stats, spec), dtype=dt, device=dev)
     rho = None if not spec.position else torch.tensor(spec.rho_fixed or 0.5, dtype=dt, device=dev)
+    rho_prior = None
+    if spec.rho_user:
+        ra, rb = spec.rho_user_fixed or (1.0, 1.0)
+        if spec.rho_user_fixed is None:
+            warnings.append("em keeps the per-user rho prior fixed; used Beta(1, 1) (--method marginal learns it)")
+        if ra < 1 or rb < 1:
+            raise InputError(f"--method em needs a per-user rho prior with a, b >= 1; got Beta({ra:g}, {rb:g})")
+        rho = torch.full((U,), 0.5, dtype=dt, device=dev)
+        rho_prior = (torch.tensor(ra, dtype=dt, device=dev), torch.tensor(rb, dtype=dt, device=dev))
     eta = torch.full((U,), 0.5, dtype=dt, device=dev)
     free = torch.as_tensor(spec.free_mu, device=dev)
     al = torch.as_tensor(spec.mu_alpha, dtype=dt, device=dev)
     be = torch.as_tensor(spec.mu_beta, dtype=dt, device=dev)
     prior_mode = (a - 1) / (a + b - 2) if a + b > 2 else 0.5
     no_gold, known_order = gold == 0, first > 0
-    prev = float(em_objective(eta, Globals(at, bt, mu, rho), spec, plan, cells))
+    prev = float(em_objective(eta, Globals(at, bt, mu, rho, rho_prior), spec, plan, cells))
     if trace is not None:
         trace.append(prev)
     converged, it, obj = False, 0, prev
     for it in range(1, max_iter + 1):
         m = kinds.attentive_prob(mu)[kind]
-        c = casual_prob(first, rho).to(dt)
+        c = casual_prob(first, rho[cu] if spec.rho_user else rho).to(dt)
         e = eta[cu]
         r = e * m / (c + e * (m - c))
         att = cnt * r
@@ -89,7 +102,12 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         if spec.learn_rho:
             cas = cnt * (1 - r) * known_order
             rho = ((cas * (first == 1)).sum() / cas.sum().clamp_min(1e-300)).clamp(1e-9, 1 - 1e-9)
-        obj = float(em_objective(eta, Globals(at, bt, mu, rho), spec, plan, cells))
+        elif spec.rho_user:
+            cas = cnt * (1 - r) * known_order
+            num = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cas * (first == 1)) + rho_prior[0] - 1
+            den = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cas) + rho_prior[0] + rho_prior[1] - 2
+            rho = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, 0.5)).clamp(1e-9, 1 - 1e-9)
+        obj = float(em_objective(eta, Globals(at, bt, mu, rho, rho_prior), spec, plan, cells))
         if trace is not None:
             trace.append(obj)
         if progress:
@@ -101,9 +119,14 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
     if not converged:
         warnings.append(f"EM stopped after {it} iterations without converging (tol {tol:g})")
     # curvature of the marginal likelihood in the free mu's (and rho) at EM's estimates, (a, b) held fixed
-    mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
-                         position=spec.position, rho_fixed=spec.rho_fixed, rho_prior=spec.rho_prior)
-    rho_f = None if rho is None else float(rho)
+    if spec.rho_user:   # curvature in mu only; the per-user rho_u stay at their EM values' prior
+        mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
+                             position=True, rho_user=True, rho_user_fixed=(float(rho_prior[0]), float(rho_prior[1])))
+        rho_f = None
+    else:
+        mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
+                             position=spec.position, rho_fixed=spec.rho_fixed, rho_prior=spec.rho_prior)
+        rho_f = None if rho is None else float(rho)
     theta = mu_spec.pack(a, b, mu.cpu().numpy(), rho_f, dt, dev)
 
     def grad(th: torch.Tensor) -> torch.Tensor:
@@ -117,7 +140,9 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "
                         "(EM overstates mu when users have few votes); --method marginal gives intervals")
     with torch.no_grad():
-        ll = float(log_marginal(plan, at, bt, mu, rho))
+        ll = float(log_marginal(plan, *mu_spec.unpack(theta)[:2], mu, None if spec.rho_user else rho,
+                                rho_prior))
     return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=rho_f, theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=it, converged=converged, warnings=warnings,
-                     eta_map=eta.cpu().numpy(), spec=mu_spec)
+                     eta_map=eta.cpu().numpy(), spec=mu_spec,
+                     rho_prior=None if rho_prior is None else (float(rho_prior[0]), float(rho_prior[1])))

@@ -25,6 +25,7 @@ from heedful.inference.em import fit_em
 from heedful.inference.globals import GlobalSpec, global_spec
 from heedful.inference.marginal import fit_marginal
 from heedful.inference.posterior import UserPosterior, user_posterior
+from heedful.inference.profile import profile_mu
 from heedful.inference.result import GlobalFit, ProgressFn, global_intervals
 from heedful.model.likelihood import QuadraturePlan, build_plan
 from heedful.suffstats import VoteStats, vote_stats
@@ -57,8 +58,17 @@ class MethodResult:
 
 
 def _marginal(ctx: FitContext) -> MethodResult:
-    return MethodResult(fit_marginal(ctx.stats, ctx.plan, ctx.spec, tol=ctx.tol, max_iter=ctx.max_iter,
-                                     progress=ctx.progress))
+    """Exact-marginal fit; profile likelihoods for the mu's whose Hessian interval is missing (or all, if asked)."""
+    fit = fit_marginal(ctx.stats, ctx.plan, ctx.spec, tol=ctx.tol, max_iter=ctx.max_iter, progress=ctx.progress)
+    if not ctx.spec.strengths:
+        sd = np.sqrt(np.diag(fit.cov)) if fit.cov is not None else None
+        free = np.flatnonzero(ctx.spec.free_mu)
+        offset = ctx.spec.n_free - len(free)
+        for j, p in enumerate(free):
+            flat = sd is None or not np.isfinite(sd[offset + j]) or sd[offset + j] > 5
+            if flat or ctx.options.get("profile"):
+                fit.profiles[int(p)] = profile_mu(ctx.stats, ctx.plan, ctx.spec, fit, int(p), ctx.level)
+    return MethodResult(fit)
 
 
 def _em(ctx: FitContext) -> MethodResult:
@@ -130,12 +140,13 @@ class Attentiveness:
         spec = global_spec(stats, self.priors)
         plan = build_plan(stats, dev, dt)
         cells = stats.tensors(dev, dt)
-        ctx = FitContext(stats, plan, spec, cells, self.tol, self.max_iter, self.level, self.progress, self.options)
+        options = {"profile": self.priors.profile, **self.options}
+        ctx = FitContext(stats, plan, spec, cells, self.tol, self.max_iter, self.level, self.progress, options)
         result = _fitter(self.method)(ctx)
         gfit = result.fit
         post = result.posterior or user_posterior(plan, cells, gfit.a, gfit.b,
                                                   torch.as_tensor(gfit.mu, dtype=dt, device=dev), gfit.rho,
-                                                  level=self.level)
+                                                  level=self.level, rho_prior=gfit.rho_prior)
         self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
         self.inference_data_ = result.inference_data
         self.diagnostics_ = result.diagnostics
@@ -173,6 +184,10 @@ class Attentiveness:
                            "mean": gfit.a / (gfit.a + gfit.b), "concentration": gfit.a + gfit.b, **iv["eta_prior"]}
         self.rho_ = None if gfit.rho is None else {"rho": gfit.rho, "lo": iv["rho"][0], "hi": iv["rho"][1],
                                                     "learned": spec.learn_rho}
+        if gfit.rho_prior is not None:
+            ar, br = gfit.rho_prior
+            self.rho_ = {"per_user": True, "a": ar, "b": br, "mean": ar / (ar + br), "learned": spec.learn_rho_user,
+                         **iv.get("rho_user", {})}
         self.strengths_ = None if "strengths" not in iv else {
             m: {"strength": v[0], "lo": v[1], "hi": v[2], "reference": i == spec.reference}
             for i, (m, v) in enumerate(iv["strengths"].items())}
@@ -194,6 +209,10 @@ class Attentiveness:
         self.elapsed_ = elapsed
         self._device, self._dtype = dev, dt
 
+    def _profiles(self) -> dict:
+        labels = self.stats_.pair_labels()
+        return {labels[p]: prof for p, prof in self.fit_.profiles.items()}
+
     # -- results ---------------------------------------------------------------------------------
     def n_inattentive(self) -> int:
         """Users whose posterior mean of eta is below the config's casual_threshold (default 1/2)."""
@@ -205,7 +224,7 @@ class Attentiveness:
             raise InputError(f"tau must lie in (0, 1), got {tau}")
         mu = torch.as_tensor(self.fit_.mu, dtype=self._dtype, device=self._device)
         post = user_posterior(self._plan, self._cells, self.fit_.a, self.fit_.b, mu, self.fit_.rho,
-                              level=self.level, tau=tau)
+                              level=self.level, tau=tau, rho_prior=self.fit_.rho_prior)
         return post.prob_above
 
     def params(self) -> dict:
@@ -217,6 +236,7 @@ class Attentiveness:
                    for row in self.pairs_.to_dict(orient="records")],
             "eta_prior": self.eta_prior_,
             "position_bias": self.rho_,
+            "profiles": {stats_label: prof for stats_label, prof in self._profiles().items()},
             "strengths": self.strengths_,
             "n_gold": s.n_gold,
             "log_likelihood": self.log_likelihood_,

@@ -26,7 +26,8 @@ class Globals(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor
     mu: torch.Tensor               # [P]
-    rho: torch.Tensor | None       # None: casual users flip a fair coin
+    rho: torch.Tensor | None       # one rho for every casual user; None: a fair coin (or per-user rho)
+    rho_prior: tuple[torch.Tensor, torch.Tensor] | None = None   # Beta(a_r, b_r) of a per-user rho_u
 
 
 @dataclass
@@ -40,6 +41,8 @@ class GlobalSpec:
     position: bool = False                      # casual users favour the first-shown answer
     rho_fixed: float | None = None              # known rho (with position=True)
     rho_prior: tuple[float, float] = (1.0, 1.0)
+    rho_user: bool = False                      # rho_u per user ~ Beta(a_r, b_r)
+    rho_user_fixed: tuple[float, float] | None = None   # None: a_r, b_r learned
     strengths: bool = False
     pair_models: np.ndarray | None = None       # [P, 2] model index of canonical a, b
     models: list[str] = field(default_factory=list)
@@ -53,12 +56,16 @@ class GlobalSpec:
 
     @property
     def learn_rho(self) -> bool:
-        return self.position and self.rho_fixed is None
+        return self.position and not self.rho_user and self.rho_fixed is None
+
+    @property
+    def learn_rho_user(self) -> bool:
+        return self.rho_user and self.rho_user_fixed is None
 
     @property
     def n_free(self) -> int:
         n_mu = len(self.models) - 1 if self.strengths else int(self.free_mu.sum())
-        return (0 if self.eta_fixed else 2) + int(self.learn_rho) + n_mu
+        return (0 if self.eta_fixed else 2) + int(self.learn_rho) + 2 * int(self.learn_rho_user) + n_mu
 
     def unpack(self, theta: torch.Tensor) -> Globals:
         """theta -> (a, b, mu[P], rho) as differentiable tensors."""
@@ -70,10 +77,16 @@ class GlobalSpec:
         else:
             a = torch.tensor(self.eta_fixed[0], dtype=dt, device=dev)
             b = torch.tensor(self.eta_fixed[1], dtype=dt, device=dev)
-        rho = None
+        rho, rho_prior = None, None
         if self.learn_rho:
             rho = torch.sigmoid(theta[i])
             i += 1
+        elif self.rho_user:
+            if self.learn_rho_user:
+                rho_prior = (torch.exp(theta[i]), torch.exp(theta[i + 1]))
+                i += 2
+            else:
+                rho_prior = tuple(torch.tensor(v, dtype=dt, device=dev) for v in self.rho_user_fixed)
         elif self.position:
             rho = torch.tensor(self.rho_fixed, dtype=dt, device=dev)
         rest = theta[i:]
@@ -86,14 +99,16 @@ class GlobalSpec:
             free = torch.as_tensor(self.free_mu, device=dev)
             if bool(free.any()):
                 mu = mu.masked_scatter(free, torch.sigmoid(rest))
-        return Globals(a, b, mu, rho)
+        return Globals(a, b, mu, rho, rho_prior)
 
     def pack(self, a: float, b: float, mu: np.ndarray, rho: float | None, dtype: torch.dtype,
-             device: torch.device) -> torch.Tensor:
+             device: torch.device, rho_prior: tuple[float, float] = (2.0, 2.0)) -> torch.Tensor:
         parts = [] if self.eta_fixed else [np.log([a, b])]
         if self.learn_rho:
             r = float(np.clip(0.5 if rho is None else rho, 1e-6, 1 - 1e-6))
             parts.append([np.log(r) - np.log1p(-r)])
+        if self.learn_rho_user:
+            parts.append(np.log(rho_prior))
         if self.strengths:
             parts.append(self._strengths_from_mu(np.asarray(mu, dtype=float)))
         else:
@@ -115,6 +130,7 @@ class GlobalSpec:
     def theta_names(self, pair_labels: list[str]) -> list[str]:
         names = [] if self.eta_fixed else ["log_a", "log_b"]
         names += ["logit_rho"] if self.learn_rho else []
+        names += ["log_a_rho", "log_b_rho"] if self.learn_rho_user else []
         if self.strengths:
             return names + [f"strength[{m}]" for i, m in enumerate(self.models) if i != self.reference]
         return names + [f"logit_mu[{pair_labels[p]}]" for p in np.flatnonzero(self.free_mu)]
@@ -160,7 +176,9 @@ def global_spec(stats: VoteStats, priors: Priors) -> GlobalSpec:
     if position and not stats.has_order:
         raise ConfigError("behaviour.casual = \"position\" needs a shown_first column (a | b) in the votes")
     spec = GlobalSpec(P, priors.eta, known, alpha, beta, source, position=position, rho_fixed=priors.rho,
-                      rho_prior=priors.rho_prior, warnings=warnings)
+                      rho_prior=priors.rho_prior, rho_user=position and priors.rho_user is not None,
+                      rho_user_fixed=priors.rho_user if isinstance(priors.rho_user, tuple) else None,
+                      warnings=warnings)
     if priors.mu_model == "strengths":
         if priors.pairs:
             raise ConfigError("[generators] mu = \"strengths\" learns every pair's mu from model strengths; "

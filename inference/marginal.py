@@ -26,7 +26,9 @@ def objective(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor) -> to
 
 def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, tol: float = 1e-9,
                  max_iter: int = 500, progress: ProgressFn | None = None,
-                 start: tuple[float, float, np.ndarray, float | None] | None = None) -> GlobalFit:
+                 start: tuple[float, float, np.ndarray, float | None] | None = None,
+                 curvature: bool = True) -> GlobalFit:
+    """Maximise the exact marginal posterior of the globals; ``curvature`` adds the Hessian's covariance."""
     dt, dev = plan.dtype, plan.device
     scale = 1.0 / max(stats.n_votes, 1)
     a0, b0, mu0, rho0 = start if start is not None else (*(spec.eta_fixed or (1.0, 1.0)),
@@ -79,13 +81,14 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         th = th.detach().clone().requires_grad_(True)
         return torch.autograd.grad(-objective(plan, spec, th), th)[0]
 
-    H = hessian_fd(grad, theta) if spec.n_free else np.zeros((0, 0))
+    H = hessian_fd(grad, theta) if spec.n_free and curvature else np.zeros((0, 0))
     cov, w = covariance(H, spec.theta_names(stats.pair_labels()))
     warnings += w
     if float(a) < 0.05 or float(b) < 0.05 or float(a + b) > 1e4:
         warnings.append(f"the fitted eta prior Beta({float(a):.3g}, {float(b):.3g}) is extreme: users may be "
                         "nearly all attentive or all casual, or the prior is poorly identified")
     return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=None if g.rho is None else float(g.rho),
+                     rho_prior=None if g.rho_prior is None else (float(g.rho_prior[0]), float(g.rho_prior[1])),
                      theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=int(iterations), converged=converged,
                      warnings=warnings, spec=spec)

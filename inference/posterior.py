@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import stats as sstats
 
-from heedful.model.likelihood import QuadraturePlan, bucket_loglik_at, casual_prob
+from heedful.model.likelihood import RHO_NODE_CAP, QuadraturePlan, bucket_loglik_at, bucket_nodes, casual_prob
 from heedful.model.quadrature import gauss_jacobi
 
 X_EDGE = 20.0
@@ -55,8 +55,11 @@ def _quantile(cdf: torch.Tensor, x: torch.Tensor, p: float, a: float, b: float) 
 @torch.no_grad()
 def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float, b: float,
                    mu: torch.Tensor, rho: float | None = None, *, level: float = 0.90,
-                   tau: float | None = None) -> UserPosterior:
-    """Posterior summaries of eta_u for every user under Beta(a, b), mu and rho (no gradients)."""
+                   tau: float | None = None, rho_prior: tuple[float, float] | None = None) -> UserPosterior:
+    """Posterior summaries of eta_u for every user under Beta(a, b), mu and rho (no gradients).
+
+    With a per-user rho_u ~ Beta(rho_prior), rho_u is integrated out by Gauss-Jacobi at every grid point.
+    """
     dt, dev = torch.float64, plan.device
     mu = mu.to(dt)
     rho_t = None if rho is None else torch.tensor(float(rho), dtype=dt, device=dev)
@@ -71,23 +74,33 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
     bracket = np.zeros((U, 2))
     p_above = np.full(U, prior.sf(tau)) if tau is not None else None
     at, bt = torch.tensor(pa, dtype=dt, device=dev), torch.tensor(pb, dtype=dt, device=dev)
+    rp = None if rho_prior is None else tuple(torch.tensor(float(v), dtype=dt, device=dev) for v in rho_prior)
     for bk in plan.buckets:
-        xq, logw = gauss_jacobi(at, bt, bk.n_nodes)   # exact for E[eta], E[eta^2]: degree n + 2
+        xq, rq, logw = bucket_nodes(at, bt, bk.n_nodes, rp, dt)   # exact for E[eta], E[eta^2]: degree n + 2
         M = _grid_size(2 * bk.n_nodes)
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = x[1] - x[0]
         log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
-        rows = max(1, MAX_ELEMENTS // M)
+        if rp is None:
+            grid_eta, grid_rho, grid_lw, n_rho = torch.sigmoid(x), rho_t, None, 1
+        else:
+            xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.n_nodes, RHO_NODE_CAP))
+            n_rho = xr.shape[0]
+            grid_eta, grid_rho = torch.sigmoid(x).repeat_interleave(n_rho), xr.repeat(M)
+        rows = max(1, MAX_ELEMENTS // (M * n_rho))
         for start, inc in bk.row_chunks(rows):
             inc = inc.to(dt)
             users = bk.users[start:start + inc.shape[0]].cpu().numpy()
-            lq = bucket_loglik_at(plan, bk, xq, mu, rho_t, inc) + logw
+            lq = bucket_loglik_at(plan, bk, xq, mu, rho_t if rq is None else rq, inc) + logw
             wq = torch.softmax(lq, dim=1)
             m1 = (wq * xq).sum(1)
             m2 = (wq * xq * xq).sum(1)
             mean[users] = m1.cpu().numpy()
             sd[users] = (m2 - m1 * m1).clamp_min(0).sqrt().cpu().numpy()
-            ell = bucket_loglik_at(plan, bk, torch.sigmoid(x), mu, rho_t, inc) + pa * log_eta + pb * log_1m
+            ell = bucket_loglik_at(plan, bk, grid_eta, mu, grid_rho, inc)
+            if grid_lw is not None:   # integrate rho_u out at every eta of the grid
+                ell = torch.logsumexp(ell.reshape(-1, M, n_rho) + grid_lw, dim=2)
+            ell = ell + pa * log_eta + pb * log_1m
             top = ell.max(dim=1, keepdim=True).values
             d = torch.exp(ell - top)
             tail_lo, tail_hi = d[:, 0] / pa, d[:, -1] / pb
@@ -106,7 +119,12 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
             mode_x[users] = x[j].cpu().numpy()
             bracket[users, 0] = x[(j - 1).clamp_min(0)].cpu().numpy()
             bracket[users, 1] = x[(j + 1).clamp_max(M - 1)].cpu().numpy()
-    mode = _refine_modes(plan, cells, pa, pb, mu, rho_t, mode_x, bracket, dt)
+    if rp is None:
+        mode = _refine_modes(plan, cells, pa, pb, mu, rho_t, mode_x, bracket, dt)
+    else:   # per-user rho: the mode of the rho-marginal density, to the grid's resolution
+        mode = np.where(np.isnan(mode_x), ((pa - 1) / (pa + pb - 2)) if (pa > 1 and pb > 1) else 0.0,
+                        1 / (1 + np.exp(-np.nan_to_num(mode_x))))
+        mode = np.where(mode_x <= -X_EDGE + 1e-9, 0.0, np.where(mode_x >= X_EDGE - 1e-9, 1.0, mode))
     return UserPosterior(mean=mean, mode=mode, lo=np.minimum(lo, mean), hi=np.maximum(hi, mean), sd=sd,
                          prob_above=p_above)
 

@@ -31,6 +31,8 @@ class GlobalFit:
     warnings: list[str] = field(default_factory=list)
     eta_map: np.ndarray | None = None   # EM's per-user MAP of eta
     spec: GlobalSpec | None = None      # which parameters theta holds
+    rho_prior: tuple[float, float] | None = None   # Beta(a_r, b_r) of per-user rho_u
+    profiles: dict[int, dict] = field(default_factory=dict)   # pair index -> profile likelihood of its mu
 
 
 def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, step: float = 1e-5) -> np.ndarray:
@@ -88,8 +90,13 @@ def global_intervals(fit: GlobalFit, level: float = 0.90) -> dict:
         t, s = fit.theta[i], sd[i]
         out["rho"] = (float(1 / (1 + np.exp(-(t - z * s)))), float(1 / (1 + np.exp(-(t + z * s)))))
         i += 1
-    elif spec.position:
+    elif spec.position and not spec.rho_user:
         out["rho"] = (spec.rho_fixed, spec.rho_fixed)
+    if spec.learn_rho_user:
+        ar, br = fit.theta[i], fit.theta[i + 1]
+        out["rho_user"] = {"a_lo": float(np.exp(ar - z * sd[i])), "a_hi": float(np.exp(ar + z * sd[i])),
+                           "b_lo": float(np.exp(br - z * sd[i + 1])), "b_hi": float(np.exp(br + z * sd[i + 1]))}
+        i += 2
     if spec.strengths:
         # mu_AB = sigmoid(s_A - s_B): delta method on the strengths' covariance
         M = len(spec.models)
@@ -110,7 +117,10 @@ def global_intervals(fit: GlobalFit, level: float = 0.90) -> dict:
             out["mu"].append((float(1 / (1 + np.exp(-(d - z * sdd)))), float(1 / (1 + np.exp(-(d + z * sdd))))))
         return out
     for p in range(spec.n_pairs):
-        if spec.free_mu[p]:
+        if p in fit.profiles:
+            out["mu"].append((fit.profiles[p]["lo"], fit.profiles[p]["hi"]))
+            i += int(spec.free_mu[p])
+        elif spec.free_mu[p]:
             t, s = fit.theta[i], sd[i]
             out["mu"].append((float(1 / (1 + np.exp(-(t - z * s)))), float(1 / (1 + np.exp(-(t + z * s))))))
             i += 1

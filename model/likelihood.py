@@ -27,6 +27,7 @@ from heedful.suffstats import VoteStats
 
 CASUAL = 0.5        # a casual user's probability of picking either answer when the order is unknown
 NODE_CAP = 256      # nodes for the heaviest users
+RHO_NODE_CAP = 48   # rho nodes per eta node when rho is per user (exact up to 95 votes with a known order)
 
 
 @dataclass
@@ -136,11 +137,35 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
                           torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
 
 
+RhoPrior = tuple[torch.Tensor, torch.Tensor] | None   # Beta(a_r, b_r) of a per-user rho_u, or None
+
+
+def bucket_nodes(a: torch.Tensor, b: torch.Tensor, n_nodes: int, rho_prior: RhoPrior = None,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Quadrature nodes (eta_g, rho_g, log w_g) for a bucket.
+
+    Without a per-user rho: Gauss-Jacobi in eta. With rho_u ~ Beta(a_r, b_r): the tensor product of
+    the eta and rho rules (L_u is a polynomial of degree <= n_u in each), flattened to one node axis.
+    """
+    x, logw = gauss_jacobi(a, b, n_nodes)
+    if rho_prior is None:
+        return x.to(dtype), None, logw.to(dtype)
+    xr, lwr = gauss_jacobi(rho_prior[0], rho_prior[1], min(n_nodes, RHO_NODE_CAP))
+    g1, g2 = x.shape[0], xr.shape[0]
+    return (x.repeat_interleave(g2).to(dtype), xr.repeat(g1).to(dtype),
+            (logw[:, None] + lwr[None, :]).reshape(-1).to(dtype))
+
+
 def bucket_loglik_at(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu: torch.Tensor,
                      rho: torch.Tensor | None = None, incidence: torch.Tensor | None = None) -> torch.Tensor:
-    """log L_u(eta_g) for every user of the bucket (or of ``incidence``'s rows) and point eta_g: [Ub, G]."""
+    """log L_u(eta_g[, rho_g]) for every user of the bucket (or of ``incidence``'s rows) and point g: [Ub, G].
+
+    ``rho`` is None (coin-flip casual picks), a scalar (one rho for everybody) or a vector [G] of
+    per-point values (a per-user rho integrated by quadrature).
+    """
     m = plan.kinds.attentive_prob(mu)[bucket.pattern_kind].unsqueeze(1)
-    c = casual_prob(plan.kinds.first[bucket.pattern_kind], rho).to(eta.dtype).unsqueeze(1)
+    first = plan.kinds.first[bucket.pattern_kind].unsqueeze(1)
+    c = casual_prob(first, rho if rho is None or rho.dim() == 0 else rho.unsqueeze(0)).to(eta.dtype)
     table = vote_loglik(eta.unsqueeze(0), m, c, bucket.count.unsqueeze(1))
     return torch.sparse.mm(bucket.incidence if incidence is None else incidence, table)
 
@@ -150,32 +175,40 @@ def gold_loglik(plan: QuadraturePlan, mu: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(plan.gold_a, mu) + torch.xlogy(plan.gold_n - plan.gold_a, 1.0 - mu)).sum()
 
 
+def _bucket_log_marginals(plan: QuadraturePlan, a, b, mu, rho, rho_prior: RhoPrior):
+    for bk in plan.buckets:
+        x, xr, logw = bucket_nodes(a, b, bk.n_nodes, rho_prior, plan.dtype)
+        ll = bucket_loglik_at(plan, bk, x, mu, rho if xr is None else xr)
+        yield bk, torch.logsumexp(ll + logw, dim=1)
+
+
 def user_log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
-                      rho: torch.Tensor | None = None) -> torch.Tensor:
+                      rho: torch.Tensor | None = None, rho_prior: RhoPrior = None) -> torch.Tensor:
     """log m_u for every user, [U]; users with no non-tie votes get 0. Gold's mu-term is not included."""
     out = torch.zeros(plan.n_users, dtype=plan.dtype, device=plan.device)
-    for bk in plan.buckets:
-        x, logw = gauss_jacobi(a, b, bk.n_nodes)
-        ll = bucket_loglik_at(plan, bk, x.to(plan.dtype), mu, rho)
-        out = out.index_put((bk.users,), torch.logsumexp(ll + logw.to(plan.dtype), dim=1))
+    for bk, lm in _bucket_log_marginals(plan, a, b, mu, rho, rho_prior):
+        out = out.index_put((bk.users,), lm)
     return out
 
 
 def log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
-                 rho: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(votes, gold | a, b, mu, rho) with every eta_u, z_n and t_n integrated out."""
+                 rho: torch.Tensor | None = None, rho_prior: RhoPrior = None) -> torch.Tensor:
+    """log p(votes, gold | globals) with every eta_u (and rho_u), z_n and t_n integrated out."""
     total = gold_loglik(plan, mu)
-    for bk in plan.buckets:
-        x, logw = gauss_jacobi(a, b, bk.n_nodes)
-        ll = bucket_loglik_at(plan, bk, x.to(plan.dtype), mu, rho)
-        total = total + torch.logsumexp(ll + logw.to(plan.dtype), dim=1).sum()
+    for _, lm in _bucket_log_marginals(plan, a, b, mu, rho, rho_prior):
+        total = total + lm.sum()
     return total
 
 
 def cell_loglik(eta_user: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor | None, plan: QuadraturePlan,
                 cells: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log P(cell's votes | eta_u) per cell [C], for methods that keep eta_u (EM, SVI, NUTS)."""
+    """log P(cell's votes | eta_u) per cell [C], for methods that keep eta_u (EM, SVI, NUTS).
+
+    ``rho``: None, a scalar, or a per-user vector [U] (then each cell takes its user's rho_u).
+    """
     kind = cells["cell_kind"]
     m = plan.kinds.attentive_prob(mu)[kind]
+    if rho is not None and rho.dim() == 1:
+        rho = rho[cells["cell_user"]]
     c = casual_prob(plan.kinds.first[kind], rho).to(eta_user.dtype)
     return vote_loglik(eta_user[cells["cell_user"]], m, c, cells["count"])

@@ -1,0 +1,64 @@
+"""Profile-likelihood intervals for a pair's mu: honest where the Hessian is flat or mu sits at a bound.
+
+    l_p(mu) = max over the other globals of [log marginal likelihood + log priors], with mu_p = mu
+    interval = {mu : 2 (l_max - l_p(mu)) <= chi2_1(level)}
+
+Walks outwards from the estimate in logit steps, re-maximising the others from the previous point;
+a side that never drops below the threshold before |logit mu| = 9 is reported as reaching 0 or 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from scipy import stats as sstats
+
+from heedful.inference.globals import GlobalSpec
+from heedful.inference.result import GlobalFit
+from heedful.model.likelihood import QuadraturePlan
+from heedful.suffstats import VoteStats
+
+STEP, EDGE = 0.25, 9.0
+
+
+def _log_beta(x: float, a: float, b: float) -> float:
+    return float(sstats.beta.logpdf(x, a, b))
+
+
+def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: GlobalFit, p: int,
+               level: float = 0.90, tol: float = 1e-8) -> dict:
+    """Profile of mu_p: {"mu": [...], "objective": [...], "lo": float, "hi": float} (sorted by mu)."""
+    from heedful.inference.marginal import fit_marginal  # marginal uses this module's caller
+
+    drop = float(sstats.chi2.ppf(level, 1)) / 2
+    t_hat = float(np.log(fit.mu[p]) - np.log1p(-fit.mu[p]))
+    has_prior = spec.mu_source[p] == "prior"
+    points = [(float(fit.mu[p]), fit.objective)]
+    ends = {}
+    for direction in (-1.0, 1.0):
+        t, prev_t, prev_obj = t_hat, t_hat, fit.objective
+        start = (fit.a, fit.b, fit.mu.copy(), fit.rho)
+        ends[direction] = 0.0 if direction < 0 else 1.0
+        while abs(t + direction * STEP) <= EDGE:
+            t += direction * STEP
+            mu_p = float(1 / (1 + np.exp(-t)))
+            known = spec.mu_known.copy()
+            known[p] = mu_p
+            src = list(spec.mu_source)
+            src[p] = "known"
+            sp = replace(spec, mu_known=known, mu_source=src, warnings=[])
+            mu_start = start[2].copy()
+            mu_start[p] = mu_p
+            f = fit_marginal(stats, plan, sp, tol=tol, start=(start[0], start[1], mu_start, start[3]), curvature=False)
+            obj = f.objective + (_log_beta(mu_p, spec.mu_alpha[p], spec.mu_beta[p]) if has_prior else 0.0)
+            points.append((mu_p, obj))
+            if fit.objective - obj > drop:   # crossed: interpolate linearly in logit between the last two points
+                frac = (fit.objective - drop - prev_obj) / (obj - prev_obj)
+                tc = prev_t + frac * (t - prev_t)
+                ends[direction] = float(1 / (1 + np.exp(-tc)))
+                break
+            prev_t, prev_obj, start = t, obj, (f.a, f.b, f.mu, f.rho)
+    points.sort()
+    return {"mu": [m for m, _ in points], "objective": [o for _, o in points], "lo": ends[-1.0], "hi": ends[1.0],
+            "level": level}
