@@ -260,7 +260,8 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        _say(f"heedful: error: {message}{hint}")
+        if message.strip():          # no message: click has already shown the help (no arguments)
+            _say(f"heedful: error: {message}{hint}")
         sys.exit(getattr(e, "exit_code", 2))
     except OSError as e:
         if debug:

@@ -1,26 +1,87 @@
-"""Writing results atomically: a temporary file in the same folder, then one rename."""
+"""Writing results atomically: a temporary file in the same folder, then one rename.
+
+``write_fit`` stages every file of a fit first and renames them only when all are written, with
+SIGINT/SIGTERM held back during the renames, so an interrupted or failed fit leaves the previous
+outputs (or nothing) behind, never a mix or half a file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
 
+from heedful.errors import InputError
 
-def _atomic(path: Path, write) -> None:
+Writer = Callable[[str], None]
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _folder(path: Path) -> None:
+    """Create the parent folder, with a clear error when a file stands where the folder should be."""
+    for p in [path.parent, *path.parent.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"{path}: {p} is a file, not a folder")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name")
+
+
+def _stage(path: Path, write: Writer) -> str:
+    """Write through ``write`` into a hidden temporary file beside ``path``; return its name."""
+    _folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back (delivered on exit) so a rename sequence is not cut in the middle."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def write_atomic(files: dict[Path, Writer]) -> None:
+    """Write several files so that they appear together: stage all, then rename all."""
+    staged: dict[Path, str] = {}
+    try:
+        for path, write in files.items():
+            staged[Path(path)] = _stage(Path(path), write)
+        with _signals_held():
+            for path, tmp in staged.items():
+                os.replace(tmp, path)
+            staged.clear()
+    finally:
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic(path: Path, write: Writer) -> None:
+    write_atomic({path: write})
 
 
 def _clean(obj):
@@ -36,34 +97,50 @@ def _clean(obj):
     return obj
 
 
-def write_json(path: str | Path, doc: dict) -> None:
+def _json_writer(doc: dict) -> Writer:
     def w(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(_clean(doc), f, indent=2, allow_nan=False)
             f.write("\n")
-    _atomic(Path(path), w)
+    return w
+
+
+def _table_writer(path: Path, frame: pd.DataFrame) -> Writer:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return lambda tmp: frame.to_parquet(tmp, index=False)
+    if suffix == ".csv":
+        return lambda tmp: frame.to_csv(tmp, index=False)
+    if suffix in (".jsonl", ".ndjson"):
+        return lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    raise InputError(f"{path}: choose .parquet, .csv or .jsonl for the output")
+
+
+def write_json(path: str | Path, doc: dict) -> None:
+    """A JSON document (non-finite floats as null), atomically."""
+    _atomic(Path(path), _json_writer(doc))
 
 
 def write_table(path: str | Path, frame: pd.DataFrame) -> None:
-    """Parquet, CSV or JSON lines by the file's suffix."""
+    """Parquet, CSV or JSON lines by the file's suffix, atomically."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
-    elif suffix == ".csv":
-        _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
-    elif suffix in (".jsonl", ".ndjson"):
-        _atomic(path, lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False))
-    else:
-        from heedful.errors import InputError
-        raise InputError(f"{path}: choose .parquet, .csv or .jsonl for the output")
+    _atomic(path, _table_writer(path, frame))
 
 
-def write_fit(outdir: str | Path, users: pd.DataFrame, params: dict) -> None:
-    """users.parquet and params.json; params.json is written last, so its presence marks a finished fit."""
+def write_fit(outdir: str | Path, users: pd.DataFrame, params: dict, *, inference_data=None) -> None:
+    """users.parquet and params.json (and posterior.nc when ``inference_data`` is given), all or nothing.
+
+    Every file is staged first; params.json is renamed last, so its presence marks a finished fit.
+    """
     outdir = Path(outdir)
-    write_table(outdir / "users.parquet", users)
-    write_json(outdir / "params.json", params)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: is a file; -o/--output names the output folder")
+    files: dict[Path, Writer] = {}
+    if inference_data is not None:
+        files[outdir / "posterior.nc"] = lambda tmp: inference_data.to_netcdf(tmp)
+    files[outdir / "users.parquet"] = _table_writer(outdir / "users.parquet", users)
+    files[outdir / "params.json"] = _json_writer(params)
+    write_atomic(files)
 
 
 def write_inference_data(path: str | Path, idata) -> None:
