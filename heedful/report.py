@@ -1,0 +1,471 @@
+"""One self-contained HTML page from a fit's outputs (``OUTDIR/users.parquet``, ``OUTDIR/params.json``).
+
+The page has no external references (no scripts, fonts, style sheets or image links): the figures are
+PNGs embedded as base64 ``data:`` URIs, the style is inline, so the file can be mailed, archived and
+opened offline. Sections: the fit summary, warnings, the eta prior, per-pair mu with intervals, the
+distribution of eta over users, the most and least attentive users, sampler diagnostics when the fit
+has them, and the figures.
+
+Figures come from :mod:`heedful.plots` when it is installed and the fit wrote ``posterior.nc`` (trace /
+rank, forest, mu posterior against its prior, posterior predictive check); the report's own figures
+(mu per pair, eta distribution with the fitted prior, per-user intervals against votes) are always
+drawn from the two files every fit writes.
+
+>>> from heedful.report import build_report
+>>> rep = build_report("fit-out")
+>>> rep.write("fit-out/report.html"); [f.title for f in rep.figures]
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from heedful.errors import InputError
+
+USER_COLUMNS = ("user_id", "n_votes", "eta_hat", "eta_mean", "eta_lo", "eta_hi")
+TOP_USERS = 10
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure of the report: an id (its anchor), a title, a caption and the PNG bytes."""
+
+    key: str
+    title: str
+    caption: str
+    png: bytes
+    source: str = "heedful.report"   # which module drew it
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass
+class Report:
+    """The report of one fit: its HTML, the figures it embeds and the warnings it shows."""
+
+    html: str
+    figures: list[Figure]
+    warnings: list[str]
+    params: dict
+    notes: list[str] = field(default_factory=list)   # what was left out and why (e.g. no posterior.nc)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the page (UTF-8), atomically; returns the path."""
+        from heedful.outputs import _atomic
+
+        path = Path(path)
+        _atomic(path, lambda tmp: Path(tmp).write_text(self.html, encoding="utf-8"))
+        return path
+
+
+# -- reading a fit -----------------------------------------------------------------------------------
+def load_outputs(outdir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """users.parquet and params.json of a fit, checked for the columns and keys the report reads."""
+    outdir = Path(outdir)
+    up, pp = outdir / "users.parquet", outdir / "params.json"
+    for p in (up, pp):
+        if not p.is_file():
+            raise InputError(f"{p}: no such file; run `heedful fit VOTES -o {outdir}` first")
+    users = pd.read_parquet(up)
+    missing = [c for c in USER_COLUMNS if c not in users.columns]
+    if missing:
+        raise InputError(f"{up}: missing column(s) {', '.join(missing)}")
+    try:
+        params = json.loads(pp.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{pp}: not valid JSON ({e})") from None
+    if not isinstance(params, dict) or not {"mu", "eta_prior"} <= set(params):
+        raise InputError(f"{pp}: not a heedful params.json (needs 'mu' and 'eta_prior')")
+    return users, params
+
+
+# -- figures -------------------------------------------------------------------------------------------
+def _new_figure(width: float = 7.0, height: float = 4.0):
+    """A matplotlib Figure on the Agg canvas, outside pyplot (no global state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _num(v, default: float = float("nan")) -> float:
+    try:
+        return float(v) if v is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def mu_figure(pairs: pd.DataFrame, level: float):
+    """Per pair: mu with its interval (known values as diamonds), 1/2 (no asymmetry) marked."""
+    n = len(pairs)
+    fig = _new_figure(7.0, max(2.2, 0.45 * n + 1.2))
+    ax = fig.add_subplot()
+    y = np.arange(n)[::-1]
+    labels = (pairs.model_a.astype(str) + " vs " + pairs.model_b.astype(str)).tolist()
+    mu = pairs.mu.to_numpy(float)
+    lo = pairs.get("mu_lo", pd.Series(np.nan, index=pairs.index)).to_numpy(float)
+    hi = pairs.get("mu_hi", pd.Series(np.nan, index=pairs.index)).to_numpy(float)
+    known = (pairs.get("source", pd.Series("", index=pairs.index)) == "known").to_numpy()
+    ok = np.isfinite(lo) & np.isfinite(hi) & ~known
+    ax.hlines(y[ok], lo[ok], hi[ok], color="tab:blue", lw=2.5, label=f"{level:.0%} interval")
+    ax.plot(mu[~known], y[~known], "o", color="tab:blue", label="estimate")
+    if known.any():
+        ax.plot(mu[known], y[known], "D", color="tab:green", label="known (config)")
+    ax.axvline(0.5, color="grey", ls="--", lw=1)
+    ax.text(0.5, n - 0.4, " 1/2: no asymmetry", color="grey", fontsize=8, va="bottom")
+    ax.set_yticks(y, labels)
+    ax.set_ylim(-0.7, n - 0.1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("mu = P(model_a's answer is truly better)")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def eta_distribution_figure(users: pd.DataFrame, a: float, b: float, threshold: float):
+    """Histogram of the per-user posterior means and modes of eta, with the fitted Beta(a, b) density."""
+    from scipy import stats
+
+    fig = _new_figure(7.0, 3.8)
+    ax = fig.add_subplot()
+    bins = np.linspace(0, 1, 41)
+    heights, _, _ = ax.hist(users.eta_mean, bins=bins, density=True, alpha=0.6, color="tab:blue",
+                            label="eta_mean (posterior mean)")
+    modes, _, _ = ax.hist(users.eta_hat, bins=bins, density=True, histtype="step", lw=1.5, color="tab:orange",
+                          label="eta_hat (posterior mode)")
+    top = 1.5 * max(float(np.max(heights)), 1.0)
+    if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0:
+        x = np.linspace(0.0025, 0.9975, 400)
+        ax.plot(x, stats.beta(a, b).pdf(x), color="black", lw=1.5, label=f"prior Beta({a:.2f}, {b:.2f})")
+    ax.set_ylim(0, top)
+    if float(np.max(modes)) > top:
+        ax.set_title("the mode bars are cut at the top: modes pile up at 0 and 1", fontsize=9, color="tab:orange")
+    ax.axvline(threshold, color="tab:red", ls="--", lw=1, label=f"casual threshold {threshold:g}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("eta (attentiveness)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def user_intervals_figure(users: pd.DataFrame, level: float, max_users: int = 2000, seed: int = 0):
+    """Every user's eta_mean with its interval against the user's number of votes (log scale, jittered)."""
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    u = users
+    if len(u) > max_users:
+        u = u.sample(max_users, random_state=seed)
+    rng = np.random.default_rng(seed)
+    x = u.n_votes.to_numpy(float) * np.exp(rng.uniform(-0.08, 0.08, len(u)))
+    ax.vlines(x, u.eta_lo, u.eta_hi, color="tab:blue", alpha=0.15, lw=1)
+    ax.plot(x, u.eta_mean, ".", ms=3, color="tab:blue", alpha=0.6)
+    nv = users.n_votes.to_numpy(float)
+    edges = np.unique(np.round(np.geomspace(max(1.0, nv.min()), nv.max() + 1, 16)))
+    which = np.clip(np.searchsorted(edges, nv, side="right") - 1, 0, max(len(edges) - 2, 0))
+    width = (users.eta_hi - users.eta_lo).groupby(which).mean()
+    centre = pd.Series(nv).groupby(which).median()
+    ax.plot(centre.to_numpy(), width.to_numpy(), color="black", lw=1.5, marker="s", ms=3,
+            label=f"mean width of the {level:.0%} interval")
+    if users.n_votes.max() > 2 * max(1, users.n_votes.min()):
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("non-tie votes of the user" + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel("eta: posterior mean and interval")
+    title = f"{len(u):,} users" + (f" (a random {max_users:,} of {len(users):,})" if len(users) > max_users else "")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def strengths_figure(strengths: dict):
+    """Bradley-Terry strengths of the generators with intervals (the reference model at 0)."""
+    items = sorted(strengths.items(), key=lambda kv: _num(kv[1].get("strength")))
+    fig = _new_figure(7.0, max(2.2, 0.4 * len(items) + 1.2))
+    ax = fig.add_subplot()
+    y = np.arange(len(items))
+    s = np.array([_num(v.get("strength")) for _, v in items])
+    lo = np.array([_num(v.get("lo")) for _, v in items])
+    hi = np.array([_num(v.get("hi")) for _, v in items])
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    ax.hlines(y[ok], lo[ok], hi[ok], color="tab:purple", lw=2.5)
+    ax.plot(s, y, "o", color="tab:purple")
+    ax.set_yticks(y, [m + (" (reference)" if v.get("reference") else "") for m, v in items])
+    ax.axvline(0, color="grey", ls="--", lw=1)
+    ax.set_xlabel("strength s (mu_AB = sigmoid(s_A - s_B))")
+    return fig
+
+
+def _own_figures(users: pd.DataFrame, params: dict) -> list[Figure]:
+    level = _num(params.get("interval_level"), 0.9)
+    pairs = pd.DataFrame(params["mu"])
+    ep = params["eta_prior"]
+    a, b = _num(ep.get("a")), _num(ep.get("b"))
+    threshold = _num(params.get("casual_threshold"), 0.5)
+    figs = [
+        Figure("mu", "mu per pair", f"Each pair's mu with its {level:.0%} interval; diamonds are values fixed in the "
+               "config. Intervals far from 1/2 mean the pair separates attentive from casual users; wide ones mean "
+               "mu is weakly identified (one user's votes identify only eta (mu - 1/2)).",
+               png_bytes(mu_figure(pairs, level))),
+        Figure("eta-distribution", "eta over users", "Histogram of the per-user posterior means (filled) and modes "
+               "(outline) of eta, with the population prior Beta(a, b) the fit used. Modes pile up at 0 and 1 for "
+               "users with few votes; the means are shrunk toward the prior mean.",
+               png_bytes(eta_distribution_figure(users, a, b, threshold))),
+        Figure("user-intervals", "per-user intervals against votes", f"Each user's posterior mean of eta with its "
+               f"{level:.0%} interval (vertical line) against the user's number of non-tie votes. Intervals narrow "
+               "as votes accumulate; users with a handful of votes stay close to the prior.",
+               png_bytes(user_intervals_figure(users, level))),
+    ]
+    if params.get("strengths"):
+        figs.append(Figure("strengths", "generator strengths", "Bradley-Terry strengths of the generator models with "
+                           "their intervals; mu for a pair is sigmoid(s_A - s_B).",
+                           png_bytes(strengths_figure(params["strengths"]))))
+    return figs
+
+
+def _plots_figures(outdir: Path) -> tuple[list[Figure], list[str]]:
+    """Figures from :mod:`heedful.plots` (posterior diagnostics), when the module and posterior.nc are there."""
+    try:
+        import heedful.plots as plots  # noqa: F401  (optional module)
+    except ImportError:
+        return [], ["posterior diagnostic plots need heedful.plots, which this installation lacks"]
+    make: Callable | None = getattr(plots, "report_figures", None)
+    if make is None:
+        return [], ["heedful.plots has no report_figures(outdir): its figures are not in this report"]
+    figs: list[Figure] = []
+    notes: list[str] = []
+    try:
+        produced = make(outdir)
+    except Exception as e:  # a broken optional figure must not lose the whole report
+        return [], [f"heedful.plots could not draw its figures: {type(e).__name__}: {e}"]
+    for i, item in enumerate(produced or []):
+        key, title, fig = item[0], item[1], item[2]
+        caption = item[3] if len(item) > 3 else ""
+        figs.append(Figure(f"plots-{i}-{key}", title, caption, png_bytes(fig), source="heedful.plots"))
+    return figs, notes
+
+
+# -- HTML ----------------------------------------------------------------------------------------------
+CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+main{max-width:1000px;margin:0 auto;padding:24px 32px;background:#fff}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
+.sub{color:#59636e;font-size:13px}table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f6f8fa}.warn{background:#fff8c5;border:1px solid #d4a72c;padding:8px 12px;border-radius:6px}
+.warn li{margin:4px 0}.ok{background:#dafbe1;border:1px solid #4ac26b;padding:8px 12px;border-radius:6px}
+figure{margin:16px 0;padding:8px;border:1px solid #d0d7de;border-radius:6px}figure img{max-width:100%}
+figcaption{font-size:13px;color:#59636e}figcaption b{color:#1f2328}nav a{margin-right:12px;font-size:13px}
+.cols{display:flex;gap:24px;flex-wrap:wrap}
+"""
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "&ndash;"
+        return f"{v:,.{digits}f}"
+    return _e(v)
+
+
+def _table(header: list[str], rows: list[list[object]], digits: int = 3) -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for r in rows:
+        cells = []
+        for v in r:
+            num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            cells.append(f'<td class="n">{_fmt(v, digits)}</td>' if num else f"<td>{_fmt(v, digits)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _interval(lo: object, hi: object) -> str:
+    lo, hi = _num(lo), _num(hi)
+    return f"[{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) and math.isfinite(hi) else "–"
+
+
+def _summary_rows(users: pd.DataFrame, params: dict) -> list[list[object]]:
+    ep = params["eta_prior"]
+    n_users = params.get("n_users", len(users))
+    rows: list[list[object]] = [
+        ["method", params.get("method", "?")],
+        ["users", n_users],
+        ["votes in the likelihood (non-tie)", params.get("n_votes", int(users.n_votes.sum()))],
+        ["ties (counted, left out)", params.get("n_ties")],
+        ["input rows", params.get("n_rows")],
+        ["pairs", params.get("n_pairs", len(params["mu"]))],
+        ["gold labels", params.get("n_gold")],
+        ["eta prior", f"Beta({_num(ep.get('a')):.3f}, {_num(ep.get('b')):.3f}) "
+                      f"({'learned' if ep.get('learned') else 'fixed'})"],
+        ["eta prior mean", f"{_num(ep.get('mean')):.3f}"
+                           + (f" {_interval(ep.get('mean_lo'), ep.get('mean_hi'))}" if "mean_lo" in ep else "")],
+        ["mean of users' eta_mean", float(users.eta_mean.mean())],
+        [f"users with eta_mean < {_num(params.get('casual_threshold'), 0.5):g}",
+         params.get("n_inattentive", int((users.eta_mean < _num(params.get("casual_threshold"), 0.5)).sum()))],
+    ]
+    pb = params.get("position_bias")
+    if pb:
+        rows.append(["position bias rho (casual users pick the first-shown answer)",
+                     f"{_num(pb.get('rho')):.3f} {_interval(pb.get('lo'), pb.get('hi'))}"])
+    rows += [
+        ["log-likelihood", _num(params.get("log_likelihood"))],
+        ["iterations", params.get("iterations")],
+        ["converged", params.get("converged")],
+        ["interval level", f"{_num(params.get('interval_level'), 0.9):.0%} central"],
+        ["priors config", params.get("config")],
+        ["device / dtype", f"{params.get('device', '?')} / {params.get('dtype', '?')}"],
+        ["fit time (s)", _num(params.get("elapsed_s"))],
+        ["heedful version", params.get("heedful_version")],
+    ]
+    return [r for r in rows if r[1] is not None]
+
+
+def _report_warnings(users: pd.DataFrame, params: dict) -> list[str]:
+    """The fit's warnings plus what the report itself notices."""
+    out = [str(w) for w in params.get("warnings") or []]
+    if params.get("converged") is False:
+        out.append("the fit did not converge: the estimates below are where the optimiser stopped")
+    few = int((users.n_votes < 5).sum())
+    if few and few >= 0.2 * len(users):
+        out.append(f"{few:,} of {len(users):,} users have fewer than 5 votes: their intervals are wide and their "
+                   "eta_mean sits near the prior mean; filter them by P(eta > tau), not by eta_hat")
+    return out
+
+
+def _pairs_rows(params: dict) -> list[list[object]]:
+    rows = []
+    for p in params["mu"]:
+        lo, hi = _num(p.get("mu_lo")), _num(p.get("mu_hi"))
+        rows.append([f"{p.get('model_a')} vs {p.get('model_b')}", _num(p.get("mu")), _interval(lo, hi),
+                     hi - lo if math.isfinite(lo) and math.isfinite(hi) else None, p.get("n_votes"), p.get("n_ties"),
+                     _num(p.get("a_rate")), p.get("source", "")])
+    return rows
+
+
+def _users_tables(users: pd.DataFrame) -> str:
+    cols = ["user_id", "n_votes", "eta_hat", "eta_mean", "eta_lo", "eta_hi"]
+    order = users.sort_values(["eta_mean", "n_votes"], ascending=[False, False])
+    def rows(df: pd.DataFrame) -> list[list[object]]:
+        return [[str(r.user_id), int(r.n_votes), float(r.eta_hat), float(r.eta_mean),
+                 _interval(r.eta_lo, r.eta_hi)] for r in df[cols].itertuples()]
+    head = ["user", "votes", "eta_hat", "eta_mean", "interval"]
+    return (f'<div class="cols"><div><h3>most attentive</h3>{_table(head, rows(order.head(TOP_USERS)))}</div>'
+            f'<div><h3>least attentive</h3>{_table(head, rows(order.tail(TOP_USERS).iloc[::-1]))}</div></div>')
+
+
+def _eta_quantiles(users: pd.DataFrame) -> str:
+    qs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    rows = []
+    for c in ("eta_mean", "eta_hat"):
+        rows.append([c, *[float(users[c].quantile(q)) for q in qs], float(users[c].mean())])
+    width = users.eta_hi - users.eta_lo
+    rows.append(["interval width", *[float(width.quantile(q)) for q in qs], float(width.mean())])
+    rows.append(["votes per user", *[float(users.n_votes.quantile(q)) for q in qs], float(users.n_votes.mean())])
+    return _table(["", *[f"{q:.0%}" for q in qs], "mean"], rows, digits=3)
+
+
+def _diagnostics(params: dict) -> str:
+    d = params.get("diagnostics")
+    if not d:
+        return ""
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+            v = v if len(v) <= 300 else v[:297] + "..."
+        rows.append([k, v])
+    return "<h2 id='diagnostics'>Sampler diagnostics</h2>" + _table(["diagnostic", "value"], rows, digits=4)
+
+
+def build_report(outdir: str | Path, *, title: str | None = None, with_plots_module: bool = True) -> Report:
+    """Read a fit's outputs and lay out the page (see the module docstring); nothing is written."""
+    outdir = Path(outdir)
+    users, params = load_outputs(outdir)
+    warnings = _report_warnings(users, params)
+    figures = _own_figures(users, params)
+    notes: list[str] = []
+    if with_plots_module:
+        extra, notes = _plots_figures(outdir)
+        figures += extra
+    title = title or f"heedful fit report: {outdir.resolve().name}"
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    level = _num(params.get("interval_level"), 0.9)
+    warn_html = ("<div class='warn'><ul>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul></div>"
+                 if warnings else "<div class='ok'>No warnings.</div>")
+    fig_html = "".join(
+        f"<figure id='fig-{_e(f.key)}'><img alt='{_e(f.title)}' src='{f.data_uri()}'>"
+        f"<figcaption><b>Figure {i}. {_e(f.title)}.</b> {_e(f.caption)}</figcaption></figure>"
+        for i, f in enumerate(figures, 1))
+    notes_html = ("<p class='sub'>" + "<br>".join(_e(n) for n in notes) + "</p>") if notes else ""
+    nav = " ".join(f"<a href='#{k}'>{t}</a>" for k, t in (
+        ("summary", "Summary"), ("warnings", "Warnings"), ("pairs", "Pairs (mu)"), ("eta", "eta over users"),
+        ("users", "Users"), ("figures", "Figures")))
+    body = f"""<main>
+<h1>{_e(title)}</h1>
+<div class="sub">from <code>{_e(outdir)}</code> &middot; generated {now} &middot; {len(figures)} figures</div>
+<nav>{nav}</nav>
+<h2 id="summary">Summary</h2>
+{_table(["", "value"], _summary_rows(users, params))}
+<h2 id="warnings">Warnings ({len(warnings)})</h2>
+{warn_html}
+<h2 id="pairs">Pairs: mu = P(model_a's answer is truly better)</h2>
+<p class="sub">{level:.0%} intervals. <i>source</i>: known (fixed in the config), prior (a Beta prior from the
+config) or learned. One user's votes identify only eta&nbsp;(mu&nbsp;&minus;&nbsp;1/2): a wide interval for a
+learned mu is the data saying so.</p>
+{_table(["pair", "mu", "interval", "width", "votes", "ties", "share of votes for model_a", "source"],
+        _pairs_rows(params))}
+<h2 id="eta">eta over users</h2>
+<p class="sub">Quantiles over users of the posterior mean and mode of eta, of the width of the {level:.0%}
+interval, and of the votes per user.</p>
+{_eta_quantiles(users)}
+<h2 id="users">Users</h2>
+{_users_tables(users)}
+{_diagnostics(params)}
+<h2 id="figures">Figures</h2>
+{notes_html}
+{fig_html}
+</main>"""
+    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+    return Report(html=page, figures=figures, warnings=warnings, params=params, notes=notes)
+
+
+def write_report(outdir: str | Path, output: str | Path | None = None, *, title: str | None = None) -> Report:
+    """Build the report of ``outdir`` and write it to ``output`` (default ``OUTDIR/report.html``)."""
+    rep = build_report(outdir, title=title)
+    rep.write(Path(output) if output is not None else Path(outdir) / "report.html")
+    return rep
+
+
+__all__ = ["Figure", "Report", "build_report", "load_outputs", "write_report"]
