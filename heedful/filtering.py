@@ -194,6 +194,20 @@ def _pair_mu(df: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
     return key.merge(table, on=["model_a", "model_b"], how="left").mu_a.to_numpy(dtype=float)
 
 
+def _trapezoid_weights(x: np.ndarray, lo: float) -> np.ndarray:
+    """Weights w with w @ d = the trapezoid integral of d over [lo, x[-1]] (d linear between nodes)."""
+    h = x[1] - x[0]
+    w = np.full(len(x), h)
+    w[-1] = h / 2
+    k = int(np.clip(np.searchsorted(x, lo), 1, len(x) - 1))  # x[k-1] < lo <= x[k]
+    w[: k - 1] = 0.0
+    f = (lo - x[k - 1]) / h
+    part = (x[k] - lo) / 2  # [lo, x[k]]: (d(lo) + d_k)/2 * (x_k - lo)
+    w[k - 1] = part * (1 - f)
+    w[k] = (h / 2 if k < len(x) - 1 else 0.0) + part * (1 + f)
+    return w
+
+
 def posterior_grid(
     user: np.ndarray,
     m: np.ndarray,
@@ -202,54 +216,71 @@ def posterior_grid(
     a: float,
     b: float,
     tau: float | None = None,
-    chunk: int = 2000,
+    chunk: int = 4000,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Posterior mean of eta_u and P(eta_u > tau) given, per vote, m_n = P(picked answer truly better) and
     c_n = P(this pick | casual) (1/2, or rho / 1 - rho with position bias).
 
     p(eta | y_u) ~ eta^(a-1) (1-eta)^(b-1) prod_n (eta m_n + (1 - eta) c_n); in x = logit(eta) the density
     is L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b, integrated by the trapezoid rule on [-20, 20] with
-    the tails (~ e^(a x), e^(-b x)) added in closed form.
+    the tails (~ e^(a x), e^(-b x)) added in closed form. Votes are grouped by distinct (m, c): the
+    log-likelihood on the grid is a sparse (users x kinds) count matrix times a (kinds x grid) table.
     """
-    uniq, j = np.unique(np.round(np.stack([m, c], axis=1), 12), axis=0, return_inverse=True)
-    counts = sparse.csr_matrix((np.ones(len(user)), (user, j.ravel())), shape=(n_users, len(uniq)))
+    jm, um = pd.factorize(np.round(m, 12))
+    jc, uc = pd.factorize(np.round(c, 12))
+    kinds = np.stack(np.meshgrid(um, uc, indexing="ij"), -1).reshape(-1, 2)  # (J, 2): m, c
+    counts = sparse.csr_matrix((np.ones(len(user)), (user, jm * len(uc) + jc)), shape=(n_users, len(kinds)))
+    if len(kinds) <= 256:  # users with the same counts share a posterior: compute each pattern once
+        patterns, back = np.unique(counts.toarray(), axis=0, return_inverse=True)
+        mean, above = posterior_grid_counts(sparse.csr_matrix(patterns), kinds, a, b, tau, chunk)
+        back = back.ravel()
+        return mean[back], (above[back] if above is not None else None)
+    return posterior_grid_counts(counts, kinds, a, b, tau, chunk)
+
+
+def posterior_grid_counts(
+    counts: sparse.csr_matrix, kinds: np.ndarray, a: float, b: float, tau: float | None = None, chunk: int = 4000
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`posterior_grid` from a (users x kinds) count matrix and the kinds' (m, c) rows."""
+    n_users = counts.shape[0]
     x = np.linspace(-X_EDGE, X_EDGE, GRID)
-    h = x[1] - x[0]
     eta = 1.0 / (1.0 + np.exp(-x))
-    table = np.log(eta[None, :] * uniq[:, :1] + (1.0 - eta[None, :]) * uniq[:, 1:])  # (J, G)
+    table = np.log(eta[None, :] * kinds[:, :1] + (1.0 - eta[None, :]) * kinds[:, 1:])  # (J, G)
     log_prior = a * -np.logaddexp(0, -x) + b * -np.logaddexp(0, x)
+    w_all = _trapezoid_weights(x, x[0])
+    w_eta = w_all * eta
+    w_above = _trapezoid_weights(x, math.log(tau / (1 - tau))) if tau is not None else None
     mean = np.empty(n_users)
     above = np.empty(n_users) if tau is not None else None
-    if tau is not None:
-        xt = math.log(tau / (1 - tau))
-        k = int(np.clip(np.searchsorted(x, xt), 1, GRID - 1))
-        f = (xt - x[k - 1]) / h
     for s in range(0, n_users, chunk):
         ell = (counts[s : s + chunk] @ table) + log_prior
         d = np.exp(ell - ell.max(axis=1, keepdims=True))
         lo_tail, hi_tail = d[:, 0] / a, d[:, -1] / b
-        cum = np.concatenate([np.zeros((len(d), 1)), np.cumsum(0.5 * (d[:, 1:] + d[:, :-1]) * h, axis=1)], axis=1)
-        total = lo_tail + cum[:, -1] + hi_tail
-        de = d * eta
-        m1 = np.trapezoid(de, dx=h, axis=1) + d[:, 0] * eta[0] / (a + 1) + hi_tail
-        mean[s : s + chunk] = m1 / total
+        total = d @ w_all + lo_tail + hi_tail
+        mean[s : s + chunk] = (d @ w_eta + d[:, 0] * eta[0] / (a + 1) + hi_tail) / total
         if above is not None:
-            cdf_t = lo_tail + cum[:, k - 1] * (1 - f) + cum[:, k] * f
-            above[s : s + chunk] = np.clip(1 - cdf_t / total, 0, 1)
+            above[s : s + chunk] = np.clip((d @ w_above + hi_tail) / total, 0, 1)
     return mean, above
 
 
-def _keep_users(rule: Rule, users: pd.DataFrame, votes_per_user: pd.Series, prob: pd.Series | None) -> pd.Index:
+def _keep_users(rule: Rule, users: pd.DataFrame, votes_per_user: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
+    """Boolean per row of ``users``: kept by the rule."""
     if rule.min_eta is not None:
-        return pd.Index(users.user_key[users.eta_hat >= rule.min_eta])
+        return users.eta_hat.to_numpy(dtype=float) >= rule.min_eta
     if rule.min_prob is not None:
-        return pd.Index(prob.index[prob.to_numpy() >= rule.min_prob])
-    ranked = users.assign(n=users.user_key.map(votes_per_user).fillna(0)).sort_values(
-        ["eta_mean", "eta_hat", "user_key"], ascending=[False, False, True]
+        return prob >= rule.min_prob
+    order = np.lexsort(
+        (
+            users.user_key.to_numpy(dtype=str),
+            -users.eta_hat.to_numpy(dtype=float),
+            -users.eta_mean.to_numpy(dtype=float),
+        )
     )
-    total = ranked.n.sum()
-    before = ranked.n.cumsum() - ranked.n
-    return pd.Index(ranked.user_key[before < rule.keep_fraction * total - 1e-9])
+    n = votes_per_user[order]
+    before = np.cumsum(n) - n
+    keep = np.zeros(len(users), dtype=bool)
+    keep[order] = before < rule.keep_fraction * n.sum() - 1e-9
+    return keep
 
 
 def filter_votes(
@@ -292,7 +323,13 @@ def filter_votes(
         multi = pd.to_numeric(df.turn, errors="coerce").fillna(1).to_numpy() > 1
     key = df.user_id.astype("string").str.strip().fillna("")
     users = fit.users.assign(user_key=fit.users.user_id.astype("string").str.strip())
-    in_fit = key.isin(set(users.user_key)).to_numpy()
+    users = users.drop_duplicates("user_key").reset_index(drop=True)
+    pos = pd.Index(users.user_key).get_indexer(key)  # row of the vote's user in users, -1 if absent
+    in_fit = pos >= 0
+    at = np.where(in_fit, pos, 0)
+
+    def per_vote(values: np.ndarray) -> np.ndarray:
+        return np.where(in_fit, np.asarray(values, dtype=float)[at], np.nan)
 
     valid = ~invalid & ~dup
     scored = valid & ~tie & in_fit  # votes in the user's likelihood
@@ -319,24 +356,20 @@ def filter_votes(
 
     prob = None
     if rule.min_prob is not None:
-        codes, uniq = pd.factorize(pd.concat([users.user_key, key[scored]]), sort=False)
-        u_codes = codes[len(users) :]
-        mean, above = posterior_grid(u_codes, m[scored], c[scored], len(uniq), *fit.eta_prior, tau=rule.tau)
-        prob = pd.Series(above[: len(users)], index=users.user_key.to_numpy())
-        gap = np.abs(mean[: len(users)] - users.eta_mean.to_numpy())
+        mean, prob = posterior_grid(pos[scored], m[scored], c[scored], len(users), *fit.eta_prior, tau=rule.tau)
+        gap = np.abs(mean - users.eta_mean.to_numpy(dtype=float))
         if len(gap) and np.nanmax(gap) > 0.02:
             warnings.append(
                 f"posterior means from these votes differ from the fit's eta_mean by up to "
                 f"{np.nanmax(gap):.3f}: were these the votes the fit saw?"
             )
-    per_user = key[candidate].value_counts()
-    keep = key.isin(_keep_users(rule, users, per_user, prob)).to_numpy()
+    per_user = np.bincount(pos[candidate], minlength=len(users))
+    keep = in_fit & _keep_users(rule, users, per_user, prob)[at]
 
     conds = [invalid, dup, tie, no_text, multi, ~in_fit, ~keep]
     reason = np.select(conds, list(REASONS), default="")
     kept_mask = reason == ""
-    eta_hat = key.map(users.set_index("user_key").eta_hat).to_numpy(dtype=float)
-    eta_mean = key.map(users.set_index("user_key").eta_mean).to_numpy(dtype=float)
+    eta_hat, eta_mean = per_vote(users.eta_hat), per_vote(users.eta_mean)
     vote_id = (
         df.vote_id.astype("string") if "vote_id" in df.columns else pd.Series(np.arange(n).astype(str), dtype="string")
     )
@@ -354,7 +387,7 @@ def filter_votes(
         }
     )
     if prob is not None:
-        audit["prob_above"] = key.map(prob).to_numpy(dtype=float)
+        audit["prob_above"] = per_vote(prob)
     # flip rate: (1 - eta) P(casual pick != truth) = (1 - eta) (rho (1 - q) + (1 - rho) q), q = P(first-shown better)
     eps = (1.0 - eta_mean) * (rho * (1.0 - q_first) + (1.0 - rho) * q_first)
     kept = df[kept_mask].copy()
