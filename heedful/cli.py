@@ -62,19 +62,24 @@ def simulate(
 
 
 def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: str, device: str, dtype: str,
-                   options: dict | None = None):
+                   options: dict | None = None, dask: str | None = None):
+    """Counts straight from the file(s) (streamed in chunks, or by a Dask cluster), then fit and write."""
     from heedful.config import load_priors
     from heedful.inference import Attentiveness
     from heedful.outputs import write_fit, write_inference_data
-    from heedful.votes import read_votes
 
     priors = load_priors(config)
     t0 = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"reading {votes_path}", total=None)
-        votes = read_votes(votes_path)
-        bar.update(task, description=f"fitting {len(votes):,} rows ({method})")
+        if dask:
+            from heedful.distributed import dask_vote_stats
+            votes = dask_vote_stats(votes_path, dask)
+        else:
+            from heedful.ingest import stream_vote_stats
+            votes = stream_vote_stats(votes_path)
+        bar.update(task, description=f"fitting {votes.n_rows:,} rows ({method})")
 
         def progress(it: int, obj: float) -> None:
             bar.update(task, description=f"fitting ({method}): iteration {it}, objective {obj:,.3f}")
@@ -125,10 +130,17 @@ def fit(
     warmup: Annotated[int | None, typer.Option(help="nuts: warm-up steps per chain.")] = None,
     chains: Annotated[int | None, typer.Option(help="nuts: number of chains.")] = None,
     seed: Annotated[int | None, typer.Option(help="svi/nuts: random seed.")] = None,
+    dask: Annotated[str | None, typer.Option(
+        "--dask", help="Count the votes on a Dask cluster: a scheduler ADDRESS, or 'local' for a local cluster "
+                       "(needs the dask extra); the fit itself runs here.")] = None,
 ) -> None:
-    """Fit the behaviour model; write OUTDIR/users.parquet and OUTDIR/params.json (+ posterior.nc for svi/nuts)."""
+    """Fit the behaviour model; write OUTDIR/users.parquet and OUTDIR/params.json (+ posterior.nc for svi/nuts).
+
+    VOTES may be one file, a folder of vote files or a quoted glob ('logs/*.parquet'); files are read in
+    chunks, so memory grows with users x pairs, not with votes.
+    """
     options = {k: v for k, v in dict(draws=draws, warmup=warmup, chains=chains, seed=seed).items() if v is not None}
-    _fit_and_write(votes, outdir, config, method, device, dtype, options)
+    _fit_and_write(votes, outdir, config, method, device, dtype, options, dask)
 
 
 @app.command()
@@ -237,10 +249,21 @@ def main() -> None:
 
     debug = "--debug" in sys.argv[1:]
     _STATE["signal"] = None
+    old = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # not the main thread: keep the default handler
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=False)
+        _run(debug)
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(debug: bool) -> None:
+    import signal
+
+    try:
+        app(standalone_mode=False, prog_name="heedful")
     except InputError as e:
         if debug:
             raise

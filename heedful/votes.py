@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import io
 import json
 from pathlib import Path
 
@@ -95,13 +96,12 @@ def _read_csv(path: Path, sep: str, block_size: int = BLOCK_SIZE) -> pd.DataFram
 
 def _first_bad_json_line(path: Path) -> str:
     """Find the first line that is not a JSON object (only called once a read has failed)."""
-    with pa.input_stream(str(path), compression="detect") as raw, \
-            open(raw, encoding="utf-8", errors="strict") as f:  # type: ignore[call-overload]
+    with pa.input_stream(str(path), compression="detect") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 return f"line {i} is not valid JSON ({e.msg}, column {e.colno})"
             if not isinstance(obj, dict):
@@ -140,7 +140,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if "Empty CSV" in msg:
             raise InputError(f"{path}: the file is empty") from e
         raise InputError(f"{path}: cannot read as {fmt}: {msg.splitlines()[0]}") from e
-    except ValueError as e:  # pandas' JSON reader
+    except (ValueError, TypeError) as e:  # pandas' JSON reader
+        if isinstance(e, TypeError) and fmt != "jsonl":
+            raise
         detail = _first_bad_json_line(path) if fmt == "jsonl" else ""
         raise InputError(f"{path}: cannot read as {fmt}: {detail or str(e).splitlines()[0]}") from e
     except OSError as e:
@@ -171,7 +173,7 @@ def _require(col: pd.Series, name: str, source: str) -> None:
     bad = _blank(col)
     if bad.any():
         i = _first(bad)
-        kind = "missing (null/NaN)" if pd.isna(col.iloc[i]) else "empty"
+        kind = "empty (null)" if pd.isna(col.iloc[i]) else "blank"
         raise InputError(f"{source}: column '{name}': row {i + 1} is {kind}{_such(bad)}")
 
 
@@ -193,7 +195,7 @@ def _check_filled(col: pd.Series, name: str, source: str) -> tuple[pd.Series, np
     bad = _per_row(text == "", codes, True)
     if bad.any():
         i = _first(bad)
-        kind = "missing (null/NaN)" if codes[i] < 0 else "empty"
+        kind = "empty (null)" if codes[i] < 0 else "blank"
         raise InputError(f"{source}: column '{name}': row {i + 1} is {kind}{_such(bad)}")
     return _rebuild(col, codes, raw, text), codes, text
 
@@ -206,7 +208,7 @@ def _check_values(col: pd.Series, name: str, allowed: tuple[str, ...], source: s
     blank = _per_row(norm == "", codes, True)
     if required and blank.any():
         i = _first(blank)
-        kind = "missing (null/NaN)" if codes[i] < 0 else "empty"
+        kind = "empty (null)" if codes[i] < 0 else "blank"
         raise InputError(f"{source}: column '{name}': row {i + 1} is {kind}{_such(blank)}")
     bad = ~_per_row(norm.isin(allowed), codes, False) & ~blank
     if bad.any():
