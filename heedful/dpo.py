@@ -38,25 +38,18 @@ def _split(msgs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _conversational(kept: pd.DataFrame, pick_a: np.ndarray) -> tuple[list, list, list]:
-    """Message lists per record (object construction is per row by nature)."""
-    has_msgs = all(c in kept.columns for c in ("messages_a", "messages_b"))
-    prompts, chosen, rejected = [], [], []
-    for i, row in enumerate(kept.itertuples(index=False)):
-        ma = _messages(row.messages_a) if has_msgs else None
-        mb = _messages(row.messages_b) if has_msgs else None
-        if ma and mb:
-            (pa, ca), (_, cb) = _split(ma), _split(mb)
-            prompts.append(pa)
-            chosen.append(ca if pick_a[i] else cb)
-            rejected.append(cb if pick_a[i] else ca)
-            continue
-        ra, rb = (
-            {"role": "assistant", "content": row.response_a},
-            {"role": "assistant", "content": row.response_b},
-        )
-        prompts.append([{"role": "user", "content": row.prompt}])
-        chosen.append([ra if pick_a[i] else rb])
-        rejected.append([rb if pick_a[i] else ra])
+    """Message lists per record: from messages_a/messages_b where present, else from the text columns."""
+    chosen_text = np.where(pick_a, kept.response_a, kept.response_b)
+    rejected_text = np.where(pick_a, kept.response_b, kept.response_a)
+    prompts = [[{"role": "user", "content": p}] for p in kept.prompt]
+    chosen = [[{"role": "assistant", "content": t}] for t in chosen_text]
+    rejected = [[{"role": "assistant", "content": t}] for t in rejected_text]
+    if all(c in kept.columns for c in ("messages_a", "messages_b")):
+        filled = [kept[c].astype("string").str.strip().fillna("") != "" for c in ("messages_a", "messages_b")]
+        has = (filled[0] & filled[1]).to_numpy(dtype=bool)
+        for i in np.flatnonzero(has):  # JSON parsing is per record by nature
+            (pa, ca), (_, cb) = _split(_messages(kept.messages_a.iat[i])), _split(_messages(kept.messages_b.iat[i]))
+            prompts[i], chosen[i], rejected[i] = pa, (ca if pick_a[i] else cb), (cb if pick_a[i] else ca)
     return prompts, chosen, rejected
 
 
