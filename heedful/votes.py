@@ -62,7 +62,7 @@ def _first_bad_utf8(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def _read_csv(path: Path, sep: str, block_size: int = BLOCK_SIZE) -> pd.DataFrame:
+def _read_csv(path: Path, sep: str, block_size: int | None = None) -> pd.DataFrame:
     """Stream a delimited file in blocks, every column as text; stop at the first malformed row."""
     bad: dict[str, int] = {}
 
@@ -81,7 +81,8 @@ def _read_csv(path: Path, sep: str, block_size: int = BLOCK_SIZE) -> pd.DataFram
     batches = []
     with pa.input_stream(str(path), compression="detect") as f:
         try:
-            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(use_threads=False, block_size=block_size),
+            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(use_threads=False,
+                                                                        block_size=block_size or BLOCK_SIZE),
                                     parse_options=parse, convert_options=convert)
             batches.extend(reader)
         except pa.ArrowInvalid:
