@@ -61,6 +61,11 @@ def covariance(H: np.ndarray, names: list[str]) -> tuple[np.ndarray | None, list
 
 def global_intervals(fit: GlobalFit, level: float = 0.90) -> dict:
     """Central intervals: normal on theta (log a, log b, logit mu), mapped back; delta method for a + b."""
+    with np.errstate(over="ignore"):   # an unbounded side of an interval is reported as infinite
+        return _global_intervals(fit, level)
+
+
+def _global_intervals(fit: GlobalFit, level: float) -> dict:
     spec = fit.spec
     z = float(sstats.norm.ppf(0.5 + level / 2))
     sd = np.sqrt(np.clip(np.diag(fit.cov), 0, None)) if fit.cov is not None else np.full(len(fit.theta), np.nan)
