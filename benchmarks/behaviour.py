@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import heedful  # noqa: F401  (before torch: OpenMP wait policy)
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+import heedful  # noqa: F401  (before torch: OpenMP wait policy)
 from heedful.config import priors_from_dict
 from heedful.inference import Attentiveness
 from heedful.simulate import pairs_from_strengths, simulate
