@@ -59,6 +59,20 @@ class Fit:
     pairs: pd.DataFrame
     eta_prior: tuple[float, float]
     rho: float | None = None  # position bias of casual users: P(pick the first-shown answer); None = 1/2
+    warnings: tuple[str, ...] = ()
+
+
+def _rho_of(pb: dict | None) -> tuple[float | None, tuple[str, ...]]:
+    """The population rho from params.json's position_bias; per-user rho_u ~ Beta(a, b): its mean, with a note."""
+    if not pb:
+        return None, ()
+    if pb.get("per_user"):
+        mean = float(pb.get("mean", pb["a"] / (pb["a"] + pb["b"])))
+        return mean, (
+            f"the fit has a per-user position bias; filter uses its population mean rho = {mean:.3f} "
+            "for P(eta > tau), epsilon and weights (an approximation)",
+        )
+    return float(pb["rho"]), ()
 
 
 def load_fit(outdir: str | Path) -> Fit:
@@ -76,20 +90,22 @@ def load_fit(outdir: str | Path) -> Fit:
         params = json.loads(pp.read_text(encoding="utf-8"))
         pairs = pd.DataFrame(params["mu"])[["model_a", "model_b", "mu"]]
         prior = (float(params["eta_prior"]["a"]), float(params["eta_prior"]["b"]))
-        rho = (params.get("position_bias") or {}).get("rho")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        rho, notes = _rho_of(params.get("position_bias"))
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise InputError(f"{pp}: not a heedful params.json ({type(e).__name__}: {e})") from e
-    return Fit(users=users, pairs=pairs, eta_prior=prior, rho=None if rho is None else float(rho))
+    return Fit(users=users, pairs=pairs, eta_prior=prior, rho=rho, warnings=notes)
 
 
 def fit_of(model) -> Fit:
     """The :class:`Fit` of a fitted :class:`heedful.inference.Attentiveness` (no files needed)."""
-    ep, rho = model.eta_prior_, getattr(model, "rho_", None)
+    ep = model.eta_prior_
+    rho, notes = _rho_of(getattr(model, "rho_", None))
     return Fit(
         users=model.users_,
         pairs=model.pairs_[["model_a", "model_b", "mu"]],
         eta_prior=(float(ep["a"]), float(ep["b"])),
-        rho=None if rho is None else float(rho["rho"]),
+        rho=rho,
+        warnings=notes,
     )
 
 
@@ -298,7 +314,7 @@ def filter_votes(
     df = votes.reset_index(drop=True)
     n = len(df)
     mode = _text_mode(df)
-    warnings: list[str] = []
+    warnings: list[str] = list(fit.warnings)
     invalid, note = _invalid(df)
     dup = np.zeros(n, dtype=bool)
     if "vote_id" in df.columns:

@@ -245,3 +245,30 @@ def test_cli_refuses_two_rules_with_exit_code_2(tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "exactly one" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("position_bias", "rho", "noted"),
+    [
+        (None, None, False),
+        ({"rho": 0.7, "lo": 0.6, "hi": 0.8, "learned": True}, 0.7, False),
+        ({"per_user": True, "a": 6.0, "b": 2.0, "mean": 0.75, "learned": True}, 0.75, True),
+    ],
+)
+def test_load_fit_reads_the_position_bias(tmp_path, position_bias, rho, noted):
+    fit = _fit()
+    fit.users.to_parquet(tmp_path / "users.parquet")
+    (tmp_path / "params.json").write_text(
+        json.dumps(
+            {
+                "mu": fit.pairs.to_dict(orient="records"),
+                "eta_prior": {"a": 2.0, "b": 2.0},
+                "position_bias": position_bias,
+            }
+        )
+    )
+    got = load_fit(tmp_path)
+    assert got.rho == rho and got.eta_prior == (2.0, 2.0)
+    assert bool(got.warnings) == noted
+    res = filter_votes(_messy(), got, Rule(min_eta=0.5))
+    assert any("per-user position bias" in w for w in res.warnings) == noted
