@@ -1,0 +1,586 @@
+"""Streaming ingestion: vote files -> :class:`heedful.suffstats.VoteStats`, chunk by chunk, with pyarrow.
+
+A Parquet, CSV or TSV file (or many files, a folder or a glob) is read in record batches of
+``chunk_rows`` rows and only the columns the model needs. Per batch the id columns are
+dictionary-encoded with Arrow, the few distinct model and choice values are checked and mapped in
+Python, and every row becomes one integer key
+
+    key = user << 32 | kind,    kind = ((pair * 2 + pick_a) * 3 + first) * 3 + gold
+
+(``pair`` numbered in order of appearance and renumbered in sorted order at the end). Keys are
+buffered and folded into unique (key, count) cells with one sort whenever the buffer passes
+``buffer_rows``; ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
+bounded by the cells (at most users x kinds) plus one chunk and one buffer, never by the votes.
+
+The result is identical to ``vote_stats(read_votes(path))``: same users (in order of first
+appearance, same dtype), pairs, cells, counts and ties. Validation gives the same one-line messages
+as :func:`heedful.votes.validate_votes`: a batch that fails the fast Arrow checks is handed to
+``validate_votes`` and its message re-raised with the row numbers counted from the start of the file
+("(N such rows)" then counts the rows of that batch). ``vote_id`` uniqueness is checked across the
+whole input with a 64-bit hash of every id; a hash collision is confirmed on the ids themselves before
+anything is reported. JSON lines are read whole (pyarrow has no streaming JSON reader) and then counted
+in batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from heedful.errors import InputError
+from heedful.suffstats import KINDS_PER_PAIR, N_FIRST, N_GOLD, VoteStats
+from heedful.votes import REQUIRED, read_table, validate_votes
+
+CHUNK_ROWS = 1 << 21          # rows per record batch
+BUFFER_ROWS = 1 << 24         # keys buffered before they are folded into cells (128 MiB of int64)
+NEEDED = (*REQUIRED, "shown_first", "gold", "vote_id")
+_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
+_CHOICE = {"a": 0, "b": 1, "tie": 2}
+_SIDE = {"a": 1, "b": 2}        # 0: unknown / blank
+_HASH_P = np.uint64(0x100000001B3)
+_HASH_0 = np.uint64(0xCBF29CE484222325)
+
+
+# -- sources ------------------------------------------------------------------------------------------
+def expand_sources(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Files named by a path, a folder (its vote files, sorted), a glob pattern, or a list of these."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and _is_vote_file(f))
+            if not found:
+                raise InputError(f"{p}: the folder holds no .parquet, .csv, .tsv or .jsonl files")
+            out += found
+        elif not p.exists() and any(ch in str(item) for ch in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(item), recursive=True) if Path(f).is_file())
+            if not found:
+                raise InputError(f"{item}: no file matches this pattern")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _is_vote_file(p: Path) -> bool:
+    s = [x.lower() for x in p.suffixes]
+    if s and s[-1] in (".gz", ".bz2", ".zst", ".xz"):
+        s = s[:-1]
+    return bool(s) and s[-1] in _SUFFIXES and not p.name.startswith(".")
+
+
+def _format(p: Path) -> str:
+    s = [x.lower() for x in p.suffixes]
+    if s and s[-1] in (".gz", ".bz2", ".zst", ".xz"):
+        s = s[:-1]
+    last = s[-1] if s else ""
+    return {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}.get(last, "other")
+
+
+def _check_header(names: list[str], source: str) -> None:
+    """Column-level checks (duplicates, missing required columns) with validate_votes' own messages."""
+    try:
+        validate_votes(pd.DataFrame(columns=names), source=source)
+    except InputError as e:
+        if not str(e).endswith("no rows (only a header)"):
+            raise
+
+
+def _batches(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of the needed columns of one file (parser failures become read_table's InputError)."""
+    source = str(path)
+    fmt = _format(path)
+    if not path.exists() or path.is_dir() or fmt == "other" or (fmt != "parquet" and path.stat().st_size == 0):
+        yield from _whole(path, chunk_rows)
+        return
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            _check_header(names, source)
+            cols = [c for c in NEEDED if c in names]
+            yield from pf.iter_batches(batch_size=chunk_rows, columns=cols)
+            return
+        yield from _csv_batches(path, "," if fmt == "csv" else "\t", chunk_rows)
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError):
+        read_table(path)          # raises the reader's one-line InputError
+        raise
+
+
+def _csv_batches(path: Path, sep: str, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """Stream a delimited file as text columns, as heedful.votes reads it, with the same bad-row message."""
+    bad: dict[str, int] = {}
+
+    def on_bad_row(row) -> str:
+        bad.update(number=row.number or 0, expected=row.expected_columns, actual=row.actual_columns)
+        return "error"
+
+    with pa.input_stream(str(path), compression="detect") as f:
+        names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16),
+                               parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True,
+                                                                invalid_row_handler=lambda row: "skip"),
+                               ).schema.names
+    _check_header(names, str(path))
+    cols = [c for c in NEEDED if c in names]
+    convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), null_values=[""],
+                                   strings_can_be_null=True, quoted_strings_can_be_null=False, include_columns=cols)
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_bad_row)
+    block = max(1 << 20, min(1 << 26, chunk_rows * 32))
+    with pa.input_stream(str(path), compression="detect") as f:
+        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(use_threads=True, block_size=block),
+                                parse_options=parse, convert_options=convert)
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid:
+                if not bad:
+                    raise
+                row, n, want = bad["number"] - 1, bad["actual"], bad["expected"]
+                hint = "an unclosed quote?" if n < want else "a stray delimiter or an unquoted value?"
+                raise InputError(f"{path}: row {row} has {n} field(s), the header has {want} ({hint})") from None
+            yield batch
+
+
+def _whole(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """Formats without a streaming reader (JSON lines): read_table, then batches of the needed columns."""
+    frame = read_table(path)
+    _check_header([str(c) for c in frame.columns], str(path))
+    cols = [c for c in NEEDED if c in frame.columns]
+    yield from pa.Table.from_pandas(frame[cols], preserve_index=False).to_batches(max_chunksize=chunk_rows)
+
+
+# -- per-batch encoding -----------------------------------------------------------------------------
+class _Fallback(Exception):
+    """The fast Arrow checks flagged this batch: validate it with pandas (which raises or cleans it)."""
+
+
+@dataclass
+class _Batch:
+    """One batch as arrays: local user codes and their values, local pairs, and the kind fields."""
+
+    user: np.ndarray                 # int64 [n] codes into ``user_values``
+    user_values: pa.Array
+    pair: np.ndarray                 # int64 [n] codes into ``pairs``
+    pairs: list[tuple[str, str]]
+    pick_a: np.ndarray               # bool [n]: picked the canonical model_a
+    tie: np.ndarray                  # bool [n]
+    first: np.ndarray                # int64 [n]: 0 unknown, 1 picked first-shown, 2 second-shown
+    gold_known: np.ndarray           # bool [n]
+    gold_canon_a: np.ndarray         # bool [n]
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _dict(col: pa.Array) -> tuple[np.ndarray, list]:
+    """Dictionary codes (-1 for null) and the distinct values as Python objects."""
+    enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    if enc.null_count:
+        codes = np.where(enc.is_null().to_numpy(zero_copy_only=False), -1, codes)
+    return codes.astype(np.int64, copy=False), enc.dictionary.to_pylist()
+
+
+def _text(v: object) -> str:
+    return "" if v is None else str(v).strip()
+
+
+def _small(col: pa.Array, required: bool, allowed: dict[str, int] | None) -> np.ndarray:
+    """Codes of a column with few distinct values: allowed[value.strip().lower()], 0 for blank (optional)."""
+    codes, values = _dict(col)
+    if any(isinstance(v, float) for v in values):          # NaN: pandas calls it missing, Arrow does not
+        raise _Fallback
+    norm = [_text(v).lower() for v in values]
+    if required and ((codes < 0).any() or "" in norm):
+        raise _Fallback
+    if any(v not in allowed and v != "" for v in norm):
+        raise _Fallback
+    table = np.array([allowed.get(v, 0) for v in norm] + [0], dtype=np.int64)
+    return table[codes]
+
+
+def _encode_fast(batch: pa.RecordBatch) -> _Batch:
+    """Arrow-only encoding; raises _Fallback on anything validate_votes would reject (or treat specially)."""
+    user_col = batch.column("user_id")
+    if not (_is_text(user_col.type) or pa.types.is_integer(user_col.type)) or user_col.null_count:
+        raise _Fallback
+    uenc = pc.dictionary_encode(user_col)
+    if _is_text(user_col.type) and pc.any(pc.equal(pc.utf8_trim_whitespace(uenc.dictionary), "")).as_py():
+        raise _Fallback
+    user = uenc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    ca, va = _dict(batch.column("model_a"))
+    cb, vb = _dict(batch.column("model_b"))
+    if (ca < 0).any() or (cb < 0).any() or any(isinstance(v, float) for v in va + vb):
+        raise _Fallback
+    sa, sb = [_text(v) for v in va], [_text(v) for v in vb]
+    if "" in sa or "" in sb:
+        raise _Fallback
+    nb = len(sb)
+    combo, inv = np.unique(ca * nb + cb, return_inverse=True) if len(ca) else (np.zeros(0, np.int64), ca)
+    pairs: list[tuple[str, str]] = []
+    pair_of: dict[tuple[str, str], int] = {}
+    c_pair = np.empty(len(combo), dtype=np.int64)
+    c_flip = np.empty(len(combo), dtype=bool)
+    for j, k in enumerate(combo.tolist()):
+        a, b = sa[k // nb], sb[k % nb]
+        if a == b:
+            raise _Fallback
+        key = (b, a) if a > b else (a, b)
+        c_pair[j] = pair_of.setdefault(key, len(pair_of))
+        c_flip[j] = a > b
+        if c_pair[j] == len(pairs):
+            pairs.append(key)
+    pair, flipped = c_pair[inv.reshape(-1)], c_flip[inv.reshape(-1)]
+    choice = _small(batch.column("choice"), True, _CHOICE)
+    names = batch.schema.names
+    sf = _small(batch.column("shown_first"), False, _SIDE) if "shown_first" in names else None
+    gd = _small(batch.column("gold"), False, _SIDE) if "gold" in names else None
+    return _kinds(user, uenc.dictionary, pair, pairs, flipped, choice, sf, gd)
+
+
+def _kinds(user: np.ndarray, user_values: pa.Array, pair: np.ndarray, pairs: list[tuple[str, str]],
+           flipped: np.ndarray, choice: np.ndarray, sf: np.ndarray | None, gd: np.ndarray | None) -> _Batch:
+    """The kind fields of :func:`heedful.suffstats.vote_stats` from codes (choice 0 a, 1 b, 2 tie; sides 1 a, 2 b)."""
+    pick_a = (choice == 0) ^ flipped
+    n = len(user)
+    if sf is None:
+        first = np.zeros(n, dtype=np.int64)
+    else:
+        a_first = (sf == 1) ^ flipped
+        first = np.where(sf > 0, np.where(pick_a == a_first, 1, 2), 0)
+    if gd is None:
+        gold_known = gold_canon_a = np.zeros(n, dtype=bool)
+    else:
+        gold_known = gd > 0
+        gold_canon_a = (gd == 1) ^ flipped
+    return _Batch(user, user_values, pair, pairs, pick_a, choice == 2, first, gold_known, gold_canon_a)
+
+
+def _encode_pandas(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
+    """validate_votes on the batch (its messages, rows shifted by ``row0``), then encode the cleaned frame."""
+    frame = batch.to_pandas()
+    try:
+        v = validate_votes(frame, source=source)
+    except InputError as e:
+        raise InputError(shift_rows(str(e), row0)) from None
+    user, uniques = pd.factorize(v["user_id"], sort=False)
+    a = v["model_a"].astype(str).to_numpy(dtype=object)
+    b = v["model_b"].astype(str).to_numpy(dtype=object)
+    flipped = a > b
+    keys = pd.MultiIndex.from_arrays([np.where(flipped, b, a), np.where(flipped, a, b)])
+    pair, puniq = pd.factorize(keys, sort=False)
+    choice = v["choice"].map(_CHOICE).to_numpy(dtype=np.int64)
+
+    def side(col: str) -> np.ndarray | None:
+        return None if col not in v.columns else v[col].map(_SIDE).fillna(0).to_numpy(dtype=np.int64)
+
+    return _kinds(user.astype(np.int64), pa.array(np.asarray(uniques, dtype=object)), pair.astype(np.int64),
+                  [tuple(map(str, t)) for t in puniq], flipped, choice, side("shown_first"), side("gold"))
+
+
+_ROW = re.compile(r"(: row |of row )(\d+)")
+
+
+def shift_rows(message: str, row0: int) -> str:
+    """Add ``row0`` to the row numbers of a validate_votes message ("...: row N ...", "... of row M ...")."""
+    if not row0:
+        return message
+    head, sep, tail = message.partition("': row ")      # the column prefix ends "'<name>': row N"
+    if sep:
+        n, _, rest = tail.partition(" ")
+        tail = f"{int(n) + row0} {rest}" if n.isdigit() else tail
+        rest_fixed = re.sub(r"of row (\d+)", lambda m: f"of row {int(m.group(1)) + row0}", tail)
+        return head + sep + rest_fixed
+    return _ROW.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + row0}", message, count=1)
+
+
+# -- vote ids -----------------------------------------------------------------------------------------
+def hash_ids(col: pa.Array) -> np.ndarray:
+    """64-bit hash per id (FNV-style over the UTF-8 bytes and the length; integers hash to themselves)."""
+    if pa.types.is_integer(col.type):
+        return col.cast(pa.int64()).to_numpy(zero_copy_only=False).view(np.uint64)
+    col = col.cast(pa.large_string()) if not pa.types.is_large_string(col.type) else col
+    n = len(col)
+    bufs = col.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int64)[col.offset:col.offset + n + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None and bufs[2].size else np.zeros(1, np.uint8)
+    data = np.concatenate([data, np.zeros(1, np.uint8)])
+    start, length = offs[:-1], np.diff(offs)
+    h = np.full(n, _HASH_0, dtype=np.uint64) ^ length.astype(np.uint64)
+    pad = len(data) - 1
+    with np.errstate(over="ignore"):
+        for j in range(int(length.max()) if n else 0):
+            live = j < length
+            idx = np.where(live, start + j, pad)
+            h = np.where(live, (h ^ data[idx].astype(np.uint64)) * _HASH_P, h)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return h
+
+
+def _vote_id_error(sources: list[Path], rows: list[int], label: str) -> InputError | None:
+    """validate_votes' own duplicate-id message, from the ids themselves; None if no id repeats.
+
+    Only called once two ids share a hash. For many files, names the file and row of the repeat.
+    """
+    frames = []
+    for p in sources:
+        if _format(p) == "parquet":
+            frames.append(pq.read_table(p, columns=["vote_id"]).column(0).to_pandas())
+        else:
+            frames.append(read_table(p)["vote_id"])
+    return duplicate_id_error(pd.concat(frames, ignore_index=True), rows, sources, label)
+
+
+def duplicate_id_error(ids: pd.Series, rows: list[int], sources: list, label: str) -> InputError | None:
+    """Run validate_votes on the ids alone (valid filler in the other columns) to get its exact message."""
+    n = len(ids)
+    filler = pd.DataFrame({"user_id": np.repeat("u", n), "model_a": np.repeat("x", n), "model_b": np.repeat("y", n),
+                           "choice": np.repeat("a", n), "vote_id": ids.to_numpy()})
+    try:
+        validate_votes(filler, source=label)
+    except InputError as e:
+        msg = str(e)
+    else:
+        return None
+    if len(sources) <= 1:
+        return InputError(msg)
+    bounds = np.cumsum([0, *rows])
+    m = re.search(r"row (\d+) repeats vote id .* of row (\d+)", msg)
+    if m is None:
+        return InputError(msg)
+    i, first = int(m.group(1)) - 1, int(m.group(2)) - 1
+    fi, ff = (int(np.searchsorted(bounds, x, "right") - 1) for x in (i, first))
+    msg = msg.replace(f"of row {first + 1}", f"of row {first - bounds[ff] + 1}" if ff == fi
+                      else f"of {sources[ff]} row {first - bounds[ff] + 1}", 1)
+    msg = msg.replace(f"{label}: column 'vote_id': row {i + 1} ", f"{sources[fi]}: column 'vote_id': row "
+                      f"{i - bounds[fi] + 1} ", 1)
+    return InputError(msg)
+
+
+# -- accumulation -------------------------------------------------------------------------------------
+@dataclass
+class StatsBuilder:
+    """Folds batches into cell counts; :meth:`result` gives the VoteStats. Also usable across processes:
+    builders of disjoint parts of the input combine with :meth:`merge` (in input order)."""
+
+    buffer_rows: int = BUFFER_ROWS
+    users: pa.Array | None = None
+    pairs: dict[tuple[str, str], int] = field(default_factory=dict)
+    cell_key: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cell_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pending: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    n_pending: int = 0
+    user_ties: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pair_ties: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gold_a: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gold_n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    id_hashes: list[np.ndarray] = field(default_factory=list)
+    n_rows: int = 0
+
+    @property
+    def n_users(self) -> int:
+        return 0 if self.users is None else len(self.users)
+
+    def _global_users(self, values: pa.Array) -> np.ndarray:
+        """Global codes (first appearance order) of a batch's distinct user values, adding the new ones."""
+        if self.users is None:
+            self.users = values
+            return np.arange(len(values), dtype=np.int64)
+        if values.type != self.users.type:
+            try:
+                values = values.cast(self.users.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise InputError(f"user_id holds values of type {values.type} here and {self.users.type} "
+                                 "elsewhere; give every file the same user_id type") from None
+        idx = pc.index_in(values, value_set=self.users)
+        new = idx.is_null().to_numpy(zero_copy_only=False)
+        out = idx.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        if new.any():
+            out[new] = self.n_users + np.arange(int(new.sum()))
+            self.users = pa.concat_arrays([self.users, values.filter(pa.array(new))])
+        return out
+
+    def _grow(self, arr: np.ndarray, n: int) -> np.ndarray:
+        return arr if len(arr) >= n else np.concatenate([arr, np.zeros(n - len(arr), np.int64)])
+
+    def add(self, b: _Batch) -> None:
+        user = self._global_users(b.user_values)[b.user]
+        pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in b.pairs], dtype=np.int64)
+        pair = pmap[b.pair] if len(pmap) else b.pair
+        n_users, n_pairs = self.n_users, len(self.pairs)
+        self.user_ties = self._grow(self.user_ties, n_users)
+        self.pair_ties, self.gold_a, self.gold_n = (self._grow(x, n_pairs) for x in
+                                                    (self.pair_ties, self.gold_a, self.gold_n))
+        self.user_ties += np.bincount(user[b.tie], minlength=n_users)
+        self.pair_ties += np.bincount(pair[b.tie], minlength=n_pairs)
+        self.gold_a += np.bincount(pair[b.gold_known & b.gold_canon_a], minlength=n_pairs)
+        self.gold_n += np.bincount(pair[b.gold_known], minlength=n_pairs)
+        live = ~b.tie
+        gold = np.where(b.gold_known, np.where(b.gold_canon_a == b.pick_a, 1, 2), 0)
+        kind = ((pair * 2 + b.pick_a) * N_FIRST + b.first) * N_GOLD + gold
+        key = (user[live] << 32) | kind[live]
+        self.pending.append((key, None))
+        self.n_pending += len(key)
+        self.n_rows += len(user)
+        if self.n_pending >= self.buffer_rows:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the buffered keys (and weighted keys) into the sorted unique cells."""
+        if not self.pending:
+            return
+        keys, counts = [self.cell_key], [self.cell_count]
+        plain = [k for k, w in self.pending if w is None]
+        if plain:
+            k, c = np.unique(np.concatenate(plain), return_counts=True)
+            keys.append(k)
+            counts.append(c.astype(np.int64))
+        weighted = [(k, w) for k, w in self.pending if w is not None]
+        keys += [k for k, _ in weighted]
+        counts += [w for _, w in weighted]
+        self.pending, self.n_pending = [], 0
+        if plain and not weighted and not len(self.cell_key):
+            self.cell_key, self.cell_count = keys[1], counts[1]
+            return
+        self.cell_key, inv = np.unique(np.concatenate(keys), return_inverse=True)
+        self.cell_count = np.bincount(inv.reshape(-1), weights=np.concatenate(counts),
+                                      minlength=len(self.cell_key)).astype(np.int64)
+
+    def add_ids(self, col: pa.Array) -> None:
+        self.id_hashes.append(hash_ids(col))
+
+    def merge(self, other: StatsBuilder) -> StatsBuilder:
+        """Fold ``other`` (a later part of the input) into this builder."""
+        other._fold()
+        if other.users is None:
+            self.n_rows += other.n_rows
+            return self
+        ucode = self._global_users(other.users)
+        pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in other.pairs], dtype=np.int64)
+        n_users, n_pairs = self.n_users, len(self.pairs)
+        self.user_ties = self._grow(self.user_ties, n_users)
+        self.user_ties += np.bincount(ucode, weights=other.user_ties, minlength=n_users).astype(np.int64)
+        for name in ("pair_ties", "gold_a", "gold_n"):
+            mine = self._grow(getattr(self, name), n_pairs)
+            mine += np.bincount(pmap, weights=getattr(other, name), minlength=n_pairs).astype(np.int64)
+            setattr(self, name, mine)
+        u, k = other.cell_key >> 32, other.cell_key & 0xFFFFFFFF
+        pair, rest = k // KINDS_PER_PAIR, k % KINDS_PER_PAIR
+        key = (ucode[u] << 32) | (pmap[pair] * KINDS_PER_PAIR + rest) if len(u) else other.cell_key
+        self.pending.append((key, other.cell_count))
+        self.n_pending += len(key)
+        self.n_rows += other.n_rows
+        self.id_hashes += other.id_hashes
+        if self.n_pending >= self.buffer_rows:
+            self._fold()
+        return self
+
+    def result(self) -> VoteStats:
+        """The VoteStats, pairs in sorted order (as vote_stats numbers them), cells sorted by (user, kind).
+
+        Leaves the builder as it was (it can take more batches afterwards)."""
+        pairs = sorted(self.pairs)
+        order = np.array([self.pairs[p] for p in pairs], dtype=np.int64)
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        n_pairs, n_kinds = len(pairs), max(len(pairs) * KINDS_PER_PAIR, 1)
+
+        def final(key: np.ndarray) -> np.ndarray:     # user << 32 | provisional kind -> user * n_kinds + kind
+            k = key & 0xFFFFFFFF
+            return (key >> 32) * n_kinds + rank[k // KINDS_PER_PAIR] * KINDS_PER_PAIR + k % KINDS_PER_PAIR
+
+        cells = (final(self.cell_key), self.cell_count)
+        pending = [(final(k), w) for k, w in self.pending]
+        if not pending and np.array_equal(order, np.arange(len(order))):
+            key, count = cells                      # already sorted by (user, kind)
+        else:
+            folder = StatsBuilder(pending=pending + ([cells] if len(cells[0]) else []))
+            folder._fold()
+            key, count = folder.cell_key, folder.cell_count
+        users = pd.Index(self.users.to_pandas() if self.users is not None else [], name="user_id")
+        return VoteStats(
+            users=users,
+            pairs=[(str(a), str(b)) for a, b in pairs],
+            cell_user=key // n_kinds,
+            cell_kind=key % n_kinds,
+            cell_count=count.astype(np.int64),
+            gold_a=self._grow(self.gold_a, n_pairs)[order],
+            gold_n=self._grow(self.gold_n, n_pairs)[order],
+            user_ties=self._grow(self.user_ties, self.n_users),
+            pair_ties=self._grow(self.pair_ties, n_pairs)[order],
+            n_rows=self.n_rows,
+        )
+
+    def duplicate_ids(self) -> bool:
+        """Whether two vote ids share a hash (then :func:`_vote_id_error` confirms on the ids)."""
+        if not self.id_hashes:
+            return False
+        h = np.sort(np.concatenate(self.id_hashes))
+        return bool((h[1:] == h[:-1]).any())
+
+
+def add_batch(builder: StatsBuilder, batch: pa.RecordBatch, source: str, row0: int) -> None:
+    """Validate and count one batch whose first row is row ``row0 + 1`` of ``source``."""
+    try:
+        b = _encode_fast(batch)
+    except _Fallback:
+        b = _encode_pandas(batch, source, row0)
+    if "vote_id" in batch.schema.names:
+        col = batch.column("vote_id")
+        ok = (_is_text(col.type) or pa.types.is_integer(col.type)) and not col.null_count and not (
+            _is_text(col.type) and pc.any(pc.equal(pc.utf8_trim_whitespace(col), "")).as_py())
+        if not ok:
+            _encode_pandas(batch, source, row0)        # raises validate_votes' message for a blank id
+            col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
+        builder.add_ids(col)
+    builder.add(b)
+
+
+def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: int = CHUNK_ROWS,
+                      buffer_rows: int = BUFFER_ROWS) -> VoteStats:
+    """VoteStats of one or many vote files (a path, a folder, a glob, or a list), read in chunks.
+
+    Equal to ``vote_stats(read_votes(path))`` for one file, and to the vote_stats of the files'
+    concatenation for many; raises InputError with validate_votes' one-line messages.
+    """
+    sources = expand_sources(paths)
+    label = str(paths) if isinstance(paths, (str, Path)) else ", ".join(map(str, sources))
+    builder = StatsBuilder(buffer_rows=buffer_rows)
+    rows: list[int] = []
+    for path in sources:
+        row0 = 0
+        for batch in _batches(path, chunk_rows):
+            if batch.num_rows:
+                add_batch(builder, batch, str(path), row0)
+            row0 += batch.num_rows
+        if row0 == 0 and len(sources) == 1:
+            raise InputError(f"{path}: no rows (only a header)")
+        rows.append(row0)
+    if builder.n_rows == 0:
+        raise InputError(f"{label}: no rows (only a header)")
+    if builder.duplicate_ids():
+        e = _vote_id_error(sources, rows, str(sources[0]))
+        if e is not None:
+            raise e
+    return builder.result()
+
+
+__all__ = ["StatsBuilder", "add_batch", "expand_sources", "hash_ids", "shift_rows", "stream_vote_stats"]

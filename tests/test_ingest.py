@@ -1,0 +1,181 @@
+"""Streaming ingestion equals vote_stats(read_votes(...)): counts, order, dtypes, and the error messages."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from heedful.cli import app
+from heedful.errors import InputError
+from heedful.ingest import StatsBuilder, hash_ids, shift_rows, stream_vote_stats
+from heedful.suffstats import VoteStats, vote_stats
+from heedful.votes import read_votes
+
+FIELDS = ("cell_user", "cell_kind", "cell_count", "gold_a", "gold_n", "user_ties", "pair_ties")
+
+
+def assert_same(a: VoteStats, b: VoteStats) -> None:
+    pd.testing.assert_index_equal(a.users, b.users)
+    assert a.pairs == b.pairs
+    for f in FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype, f
+        np.testing.assert_array_equal(x, y, err_msg=f)
+    assert a.n_rows == b.n_rows
+
+
+def messy_votes(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """Votes with everything the contract allows: both pair orders, ties, gold, order, case and spaces."""
+    rng = np.random.default_rng(seed)
+    models = np.array(["m1", " m2", "m3 ", "zeta", "alpha"])
+    a = rng.integers(0, 5, n)
+    b = (a + rng.integers(1, 5, n)) % 5
+    return pd.DataFrame({
+        "vote_id": [f"v{i}" for i in range(n)],
+        "user_id": [f"u{k}" for k in rng.zipf(1.5, n) % 400],
+        "model_a": models[a],
+        "model_b": models[b],
+        "choice": rng.choice(["a", "b", "tie", " A", "B ", "Tie"], n, p=[0.35, 0.35, 0.1, 0.1, 0.05, 0.05]),
+        "shown_first": rng.choice(["a", "b", None, " B"], n),
+        "gold": rng.choice([None, None, None, "a", "b", "A "], n),
+        "prompt": "p",
+    })
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> pd.DataFrame:
+    return messy_votes()
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".tsv", ".jsonl"])
+@pytest.mark.parametrize("chunk_rows", [1 << 20, 257])
+def test_stream_equals_vote_stats_of_read_votes(tmp_path, messy, suffix, chunk_rows):
+    path = tmp_path / f"votes{suffix}"
+    if suffix == ".parquet":
+        messy.to_parquet(path, row_group_size=500)
+    elif suffix == ".jsonl":
+        messy.to_json(path, orient="records", lines=True)
+    else:
+        messy.to_csv(path, index=False, sep="," if suffix == ".csv" else "\t")
+    assert_same(stream_vote_stats(path, chunk_rows=chunk_rows, buffer_rows=1000), vote_stats(read_votes(path)))
+
+
+def test_integer_user_ids_keep_their_dtype(tmp_path):
+    v = messy_votes(500).assign(user_id=lambda d: np.arange(len(d)) % 37 * 1000)
+    v.to_parquet(tmp_path / "v.parquet", row_group_size=100)
+    s = stream_vote_stats(tmp_path / "v.parquet", chunk_rows=64)
+    assert s.users.dtype == np.int64
+    assert_same(s, vote_stats(read_votes(tmp_path / "v.parquet")))
+
+
+def test_many_files_folder_and_glob_equal_the_concatenation(tmp_path, messy):
+    parts = np.array_split(np.arange(len(messy)), 4)
+    for i, idx in enumerate(parts):
+        messy.iloc[idx].to_parquet(tmp_path / f"part-{i}.parquet")
+    want = vote_stats(read_votes_concat([tmp_path / f"part-{i}.parquet" for i in range(4)]))
+    assert_same(stream_vote_stats(tmp_path, chunk_rows=300), want)
+    assert_same(stream_vote_stats(str(tmp_path / "part-*.parquet")), want)
+    assert_same(stream_vote_stats([tmp_path / f"part-{i}.parquet" for i in range(4)]), want)
+
+
+def read_votes_concat(paths):
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+
+
+def test_builders_merge_in_order_like_one_pass(tmp_path, messy):
+    from heedful.ingest import add_batch
+
+    table = pa.Table.from_pandas(messy, preserve_index=False)
+    whole, first, second = StatsBuilder(), StatsBuilder(), StatsBuilder()
+    add_batch(whole, table.to_batches()[0], "v", 0)
+    add_batch(first, table.slice(0, 1000).to_batches()[0], "v", 0)
+    add_batch(second, table.slice(1000).to_batches()[0], "v", 1000)
+    assert_same(first.merge(second).result(), whole.result())
+
+
+def _message(fn) -> str:
+    with pytest.raises(InputError) as e:
+        fn()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("column, value", [
+    ("user_id", None), ("user_id", "  "), ("model_a", None), ("choice", "maybe"), ("choice", None),
+    ("shown_first", "left"), ("gold", "c"), ("model_b", "m1"), ("vote_id", ""),
+])
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_errors_match_read_votes_with_rows_counted_across_chunks(tmp_path, messy, column, value, suffix):
+    v = messy.copy()
+    row = 2345
+    v.loc[row, column] = value
+    if column == "model_b":
+        v.loc[row, "model_a"] = "m1"
+    path = tmp_path / f"bad{suffix}"
+    v.to_parquet(path, row_group_size=700) if suffix == ".parquet" else v.to_csv(path, index=False)
+    want = _message(lambda: read_votes(path))
+    assert f"row {row + 1} " in want
+    assert _message(lambda: stream_vote_stats(path)) == want               # one chunk: the very same message
+    chunked = _message(lambda: stream_vote_stats(path, chunk_rows=1000))     # row counted across chunks
+    assert chunked.split(" (")[0] == want.split(" (")[0]
+
+
+def test_duplicate_vote_ids_across_chunks_and_files(tmp_path, messy):
+    v = messy.copy()
+    v.loc[2900, "vote_id"] = "v17"
+    v.to_parquet(tmp_path / "dup.parquet", row_group_size=500)
+    want = _message(lambda: read_votes(tmp_path / "dup.parquet"))
+    assert _message(lambda: stream_vote_stats(tmp_path / "dup.parquet", chunk_rows=500)) == want
+    messy.iloc[:10].to_parquet(tmp_path / "x1.parquet")
+    messy.iloc[5:20].to_parquet(tmp_path / "x2.parquet")
+    msg = _message(lambda: stream_vote_stats([tmp_path / "x1.parquet", tmp_path / "x2.parquet"]))
+    assert msg.startswith(f"{tmp_path / 'x2.parquet'}: column 'vote_id': row 1 repeats vote id 'v5' of ")
+    assert f"of {tmp_path / 'x1.parquet'} row 6" in msg
+
+
+def test_reader_failures_are_read_table_messages(tmp_path, messy):
+    messy.iloc[:50].to_csv(tmp_path / "bad.csv", index=False)
+    with open(tmp_path / "bad.csv", "a") as f:
+        f.write("x,y\n")
+    assert _message(lambda: stream_vote_stats(tmp_path / "bad.csv")) == _message(
+        lambda: read_votes(tmp_path / "bad.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    assert _message(lambda: stream_vote_stats(tmp_path / "empty.csv")) == _message(
+        lambda: read_votes(tmp_path / "empty.csv"))
+    messy.iloc[:0].to_parquet(tmp_path / "none.parquet")
+    assert _message(lambda: stream_vote_stats(tmp_path / "none.parquet")) == _message(
+        lambda: read_votes(tmp_path / "none.parquet"))
+    messy.drop(columns="choice").to_parquet(tmp_path / "nochoice.parquet")
+    assert _message(lambda: stream_vote_stats(tmp_path / "nochoice.parquet")) == _message(
+        lambda: read_votes(tmp_path / "nochoice.parquet"))
+    assert "no file matches" in _message(lambda: stream_vote_stats(str(tmp_path / "nothing-*.parquet")))
+
+
+def test_shift_rows():
+    assert shift_rows("f: column 'user_id': row 3 is empty (2 such rows)", 10) == \
+        "f: column 'user_id': row 13 is empty (2 such rows)"
+    assert shift_rows("f: column 'vote_id': row 5 repeats vote id 'a' of row 2 (1 repeats)", 100) == \
+        "f: column 'vote_id': row 105 repeats vote id 'a' of row 102 (1 repeats)"
+
+
+def test_hash_ids_separates_ids_and_respects_slices():
+    ids = pa.array([f"id-{i}" for i in range(20000)] + ["", "a", "a\x00", "ab"])
+    h = hash_ids(ids)
+    assert len(np.unique(h)) == len(ids)
+    np.testing.assert_array_equal(hash_ids(ids.slice(5, 10)), h[5:15])
+    large = pa.array(["x", "y"], type=pa.large_string())
+    np.testing.assert_array_equal(hash_ids(large), hash_ids(pa.array(["x", "y"])))
+
+
+def test_cli_fit_streams_and_writes_the_same_fit(tmp_path, messy):
+    from heedful.inference import Attentiveness
+
+    path = tmp_path / "v.parquet"
+    messy.to_parquet(path)
+    r = CliRunner().invoke(app, ["fit", str(path), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    got = pd.read_parquet(tmp_path / "out" / "users.parquet")
+    want = Attentiveness().fit(read_votes(path)).users_
+    pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_dtype=False, rtol=0, atol=0)
