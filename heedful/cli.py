@@ -233,8 +233,8 @@ def _say(text: str) -> None:
     print(_one_line(text), file=sys.stderr, flush=True)
 
 
-def _on_sigterm(signum: int, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and nothing half-written stays."""
+def _on_signal(signum: int, frame) -> None:
+    """SIGINT/SIGTERM unwind as KeyboardInterrupt (temporary files are removed); the signal is noted."""
     _STATE["signal"] = signum
     raise KeyboardInterrupt
 
@@ -249,21 +249,27 @@ def main() -> None:
 
     debug = "--debug" in sys.argv[1:]
     _STATE["signal"] = None
-    old = signal.getsignal(signal.SIGTERM)
-    with contextlib.suppress(ValueError):   # not the main thread: keep the default handler
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    held = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with contextlib.suppress(ValueError):   # not the main thread: keep the default handlers
+        for sig in held:
+            signal.signal(sig, _on_signal)
     try:
         _run(debug)
     finally:
         with contextlib.suppress(ValueError, TypeError):
-            signal.signal(signal.SIGTERM, old)
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
 
 
 def _run(debug: bool) -> None:
     import signal
 
     try:
-        app(standalone_mode=False, prog_name="heedful")
+        rv = app(standalone_mode=False, prog_name="heedful")
+        if _STATE["signal"] is not None or rv == 130:   # typer turns KeyboardInterrupt into a returned 130
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+            sys.exit(rv)
     except InputError as e:
         if debug:
             raise

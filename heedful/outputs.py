@@ -1,7 +1,7 @@
 """Writing results atomically: a temporary file in the same folder, then one rename.
 
 ``write_fit`` stages every file of a fit first and renames them only when all are written, with
-SIGINT/SIGTERM held back during the renames, so an interrupted or failed fit leaves the previous
+SIGINT/SIGTERM deferred during the renames, so an interrupted or failed fit leaves the previous
 outputs (or nothing) behind, never a mix or half a file.
 """
 
@@ -37,47 +37,65 @@ def _folder(path: Path) -> None:
         raise InputError(f"{path}: is a folder; give a file name")
 
 
-def _stage(path: Path, write: Writer) -> str:
-    """Write through ``write`` into a hidden temporary file beside ``path``; return its name."""
+def _stage(path: Path, write: Writer, staged: dict[Path, str]) -> None:
+    """Write through ``write`` into a hidden temporary file beside ``path``, registered in ``staged``
+    before anything is written, so that whoever cleans up after an interrupt knows it."""
     _folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
+    with _signals_held():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        staged[path] = tmp
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (delivered on exit) so a rename sequence is not cut in the middle."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Defer SIGINT/SIGTERM (re-raised on exit) so a rename sequence is not cut in the middle.
+
+    Python runs signal handlers in the main thread whichever thread the signal hit, so swapping the
+    handlers there is enough; from other threads this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    pending: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in _HELD}
+    old = {sig: h for sig, h in old.items() if h is not None}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in pending:
+            signal.raise_signal(sig)
 
 
 def write_atomic(files: dict[Path, Writer]) -> None:
-    """Write several files so that they appear together: stage all, then rename all."""
+    """Write several files so that they appear together: stage all, then rename all.
+
+    On any failure or interrupt the staged files are removed, and so are folders this call created.
+    """
     staged: dict[Path, str] = {}
+    created = [d for d in {Path(p).parent for p in files} for d in (d, *d.parents) if not d.exists()]
     try:
         for path, write in files.items():
-            staged[Path(path)] = _stage(Path(path), write)
+            _stage(Path(path), write, staged)
         with _signals_held():
             for path, tmp in staged.items():
                 os.replace(tmp, path)
             staged.clear()
+            created.clear()
     finally:
         for tmp in staged.values():
             Path(tmp).unlink(missing_ok=True)
+        if created:
+            for d in sorted(set(created), key=lambda d: len(d.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    d.rmdir()       # only when empty
 
 
 def _atomic(path: Path, write: Writer) -> None:
