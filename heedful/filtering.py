@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
+from scipy import stats
 
 from heedful.errors import InputError
 from heedful.votes import CHOICES, REQUIRED, SIDES
@@ -48,7 +48,6 @@ REASONS = (
 )
 TEXT = ("prompt", "response_a", "response_b")
 MESSAGES = ("messages_a", "messages_b")
-X_EDGE, GRID = 20.0, 2001
 
 
 @dataclass(frozen=True)
@@ -60,19 +59,19 @@ class Fit:
     eta_prior: tuple[float, float]
     rho: float | None = None  # position bias of casual users: P(pick the first-shown answer); None = 1/2
     warnings: tuple[str, ...] = ()
+    rho_prior: tuple[float, float] | None = None  # per-user rho_u ~ Beta(a_r, b_r); then rho is its mean
 
 
-def _rho_of(pb: dict | None) -> tuple[float | None, tuple[str, ...]]:
-    """The population rho from params.json's position_bias; per-user rho_u ~ Beta(a, b): its mean, with a note."""
+def _rho_of(pb: dict | None) -> dict:
+    """Fit fields from params.json's position_bias: one rho, or per-user rho_u ~ Beta(a, b) (rho = its mean)."""
     if not pb:
-        return None, ()
+        return {}
     if pb.get("per_user"):
-        mean = float(pb.get("mean", pb["a"] / (pb["a"] + pb["b"])))
-        return mean, (
-            f"the fit has a per-user position bias; filter uses its population mean rho = {mean:.3f} "
-            "for P(eta > tau), epsilon and weights (an approximation)",
-        )
-    return float(pb["rho"]), ()
+        a, b = float(pb["a"]), float(pb["b"])
+        return {"rho": a / (a + b), "rho_prior": (a, b), "warnings": (
+            f"the fit has a per-user position bias: P(eta > tau) integrates each user's rho_u exactly, but epsilon "
+            f"and weights use the population mean rho = {a / (a + b):.3f} (users.parquet holds no rho_u)",)}
+    return {"rho": float(pb["rho"])}
 
 
 def load_fit(outdir: str | Path) -> Fit:
@@ -90,22 +89,20 @@ def load_fit(outdir: str | Path) -> Fit:
         params = json.loads(pp.read_text(encoding="utf-8"))
         pairs = pd.DataFrame(params["mu"])[["model_a", "model_b", "mu"]]
         prior = (float(params["eta_prior"]["a"]), float(params["eta_prior"]["b"]))
-        rho, notes = _rho_of(params.get("position_bias"))
+        bias = _rho_of(params.get("position_bias"))
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise InputError(f"{pp}: not a heedful params.json ({type(e).__name__}: {e})") from e
-    return Fit(users=users, pairs=pairs, eta_prior=prior, rho=rho, warnings=notes)
+    return Fit(users=users, pairs=pairs, eta_prior=prior, **bias)
 
 
 def fit_of(model) -> Fit:
     """The :class:`Fit` of a fitted :class:`heedful.inference.Attentiveness` (no files needed)."""
     ep = model.eta_prior_
-    rho, notes = _rho_of(getattr(model, "rho_", None))
     return Fit(
         users=model.users_,
         pairs=model.pairs_[["model_a", "model_b", "mu"]],
         eta_prior=(float(ep["a"]), float(ep["b"])),
-        rho=rho,
-        warnings=notes,
+        **_rho_of(getattr(model, "rho_", None)),
     )
 
 
@@ -210,73 +207,27 @@ def _pair_mu(df: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
     return key.merge(table, on=["model_a", "model_b"], how="left").mu_a.to_numpy(dtype=float)
 
 
-def _trapezoid_weights(x: np.ndarray, lo: float) -> np.ndarray:
-    """Weights w with w @ d = the trapezoid integral of d over [lo, x[-1]] (d linear between nodes)."""
-    h = x[1] - x[0]
-    w = np.full(len(x), h)
-    w[-1] = h / 2
-    k = int(np.clip(np.searchsorted(x, lo), 1, len(x) - 1))  # x[k-1] < lo <= x[k]
-    w[: k - 1] = 0.0
-    f = (lo - x[k - 1]) / h
-    part = (x[k] - lo) / 2  # [lo, x[k]]: (d(lo) + d_k)/2 * (x_k - lo)
-    w[k - 1] = part * (1 - f)
-    w[k] = (h / 2 if k < len(x) - 1 else 0.0) + part * (1 + f)
-    return w
+def posterior_from_votes(df: pd.DataFrame, fit: Fit, tau: float) -> tuple[pd.Series, pd.Series]:
+    """Posterior mean of eta_u and P(eta_u > tau | y_u) from these (valid, non-tie) votes under the fit's globals.
 
-
-def posterior_grid(
-    user: np.ndarray,
-    m: np.ndarray,
-    c: np.ndarray,
-    n_users: int,
-    a: float,
-    b: float,
-    tau: float | None = None,
-    chunk: int = 4000,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Posterior mean of eta_u and P(eta_u > tau) given, per vote, m_n = P(picked answer truly better) and
-    c_n = P(this pick | casual) (1/2, or rho / 1 - rho with position bias).
-
-    p(eta | y_u) ~ eta^(a-1) (1-eta)^(b-1) prod_n (eta m_n + (1 - eta) c_n); in x = logit(eta) the density
-    is L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b, integrated by the trapezoid rule on [-20, 20] with
-    the tails (~ e^(a x), e^(-b x)) added in closed form. Votes are grouped by distinct (m, c): the
-    log-likelihood on the grid is a sparse (users x kinds) count matrix times a (kinds x grid) table.
+    The votes are reduced to sufficient statistics and passed to the same exact posterior the fit uses
+    (:func:`heedful.inference.posterior.user_posterior`), with the fit's Beta(a, b), mu (P(model_a better)
+    per pair; 1/2 for pairs the fit does not know), and rho or per-user Beta(a_r, b_r).
+    Both series are indexed by user id.
     """
-    jm, um = pd.factorize(np.round(m, 12))
-    jc, uc = pd.factorize(np.round(c, 12))
-    kinds = np.stack(np.meshgrid(um, uc, indexing="ij"), -1).reshape(-1, 2)  # (J, 2): m, c
-    counts = sparse.csr_matrix((np.ones(len(user)), (user, jm * len(uc) + jc)), shape=(n_users, len(kinds)))
-    if len(kinds) <= 256:  # users with the same counts share a posterior: compute each pattern once
-        patterns, back = np.unique(counts.toarray(), axis=0, return_inverse=True)
-        mean, above = posterior_grid_counts(sparse.csr_matrix(patterns), kinds, a, b, tau, chunk)
-        back = back.ravel()
-        return mean[back], (above[back] if above is not None else None)
-    return posterior_grid_counts(counts, kinds, a, b, tau, chunk)
+    import torch
 
+    from heedful.inference.posterior import user_posterior
+    from heedful.model.likelihood import build_plan
+    from heedful.suffstats import vote_stats
 
-def posterior_grid_counts(
-    counts: sparse.csr_matrix, kinds: np.ndarray, a: float, b: float, tau: float | None = None, chunk: int = 4000
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`posterior_grid` from a (users x kinds) count matrix and the kinds' (m, c) rows."""
-    n_users = counts.shape[0]
-    x = np.linspace(-X_EDGE, X_EDGE, GRID)
-    eta = 1.0 / (1.0 + np.exp(-x))
-    table = np.log(eta[None, :] * kinds[:, :1] + (1.0 - eta[None, :]) * kinds[:, 1:])  # (J, G)
-    log_prior = a * -np.logaddexp(0, -x) + b * -np.logaddexp(0, x)
-    w_all = _trapezoid_weights(x, x[0])
-    w_eta = w_all * eta
-    w_above = _trapezoid_weights(x, math.log(tau / (1 - tau))) if tau is not None else None
-    mean = np.empty(n_users)
-    above = np.empty(n_users) if tau is not None else None
-    for s in range(0, n_users, chunk):
-        ell = (counts[s : s + chunk] @ table) + log_prior
-        d = np.exp(ell - ell.max(axis=1, keepdims=True))
-        lo_tail, hi_tail = d[:, 0] / a, d[:, -1] / b
-        total = d @ w_all + lo_tail + hi_tail
-        mean[s : s + chunk] = (d @ w_eta + d[:, 0] * eta[0] / (a + 1) + hi_tail) / total
-        if above is not None:
-            above[s : s + chunk] = np.clip((d @ w_above + hi_tail) / total, 0, 1)
-    return mean, above
+    stats = vote_stats(df, validated=True)
+    mu = _pair_mu(pd.DataFrame(stats.pairs, columns=["model_a", "model_b"]), fit.pairs)
+    cpu, f64 = torch.device("cpu"), torch.float64
+    post = user_posterior(build_plan(stats, cpu, f64), stats.tensors(cpu, f64), *fit.eta_prior,
+                          torch.as_tensor(np.nan_to_num(mu, nan=0.5), dtype=f64), fit.rho, tau=tau,
+                          rho_prior=fit.rho_prior)
+    return pd.Series(post.mean, index=stats.users), pd.Series(post.prob_above, index=stats.users)
 
 
 def _keep_users(rule: Rule, users: pd.DataFrame, votes_per_user: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
@@ -372,7 +323,17 @@ def filter_votes(
 
     prob = None
     if rule.min_prob is not None:
-        mean, prob = posterior_grid(pos[scored], m[scored], c[scored], len(users), *fit.eta_prior, tau=rule.tau)
+        clean = pd.DataFrame({"user_id": key[scored].to_numpy(), "choice": choice[scored],
+                              "model_a": df.model_a[scored].astype(str).str.strip().to_numpy(),
+                              "model_b": df.model_b[scored].astype(str).str.strip().to_numpy()})
+        if first is not None and fit.rho is not None:
+            clean["shown_first"] = np.where(np.isin(first[scored], SIDES), first[scored], None)
+        if "gold" in df.columns:
+            clean["gold"] = np.where(np.isin(gold[scored], SIDES), gold[scored], None)
+        mean_s, prob_s = posterior_from_votes(clean, fit, rule.tau)
+        a, b = fit.eta_prior   # users of the fit with no scored votes here keep their prior
+        mean = mean_s.reindex(users.user_key).fillna(a / (a + b)).to_numpy(dtype=float)
+        prob = prob_s.reindex(users.user_key).fillna(float(stats.beta.sf(rule.tau, a, b))).to_numpy(dtype=float)
         gap = np.abs(mean - users.eta_mean.to_numpy(dtype=float))
         if len(gap) and np.nanmax(gap) > 0.02:
             warnings.append(

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from heedful.cli import app
 from heedful.errors import InputError
-from heedful.filtering import REASONS, Fit, Rule, filter_votes, load_fit, posterior_grid
+from heedful.filtering import REASONS, Fit, Rule, filter_votes, load_fit
 
 
 def _fit(rho=None) -> Fit:
@@ -124,24 +124,42 @@ def test_posterior_from_files_matches_the_estimator(tmp_path):
         assert keep <= set(res.kept.user_id)
 
 
-def test_posterior_grid_against_direct_integration():
+@pytest.mark.parametrize("rho, rho_prior", [(None, None), (0.8, None), (0.6, (3.0, 2.0))])
+def test_prob_above_matches_direct_integration(rho, rho_prior):
+    """P(eta > tau) in the audit: the core's exact posterior given the fit, with position bias and gold labels."""
     from scipy import integrate
 
-    m = np.array([0.8, 0.8, 0.2, 0.9, 0.7])
-    c = np.array([0.5, 0.7, 0.3, 0.5, 0.5])
-    user = np.array([0, 0, 0, 1, 1])
-    mean, above = posterior_grid(user, m, c, 3, 0.7, 1.5, tau=0.6)
+    votes = pd.DataFrame({
+        "user_id": ["good"] * 4 + ["meh"] * 3,
+        "model_a": ["big", "small", "big", "big", "big", "small", "big"],
+        "model_b": ["small", "big", "small", "small", "small", "big", "small"],
+        "choice": ["a", "b", "a", "b", "a", "a", "b"],
+        "shown_first": ["a", "b", "b", "a", "a", "a", "b"],
+        "gold": [None, None, "a", None, None, "b", None],
+    })
+    fit = _fit(rho=rho) if rho_prior is None else Fit(users=_fit().users, pairs=_fit().pairs, eta_prior=(2.0, 2.0),
+                                                      rho=rho, rho_prior=rho_prior)
+    res = filter_votes(votes, fit, Rule(min_prob=0.5, tau=0.6))
+    got = res.audit.groupby("user_id").prob_above.first()
+    picked_big = np.where(votes.choice == "a", votes.model_a, votes.model_b) == "big"
+    gold_big = np.where(votes.gold == "a", votes.model_a, np.where(votes.gold == "b", votes.model_b, None))
+    m = np.where(pd.notna(gold_big), (gold_big == np.where(picked_big, "big", "small")).astype(float),
+                 np.where(picked_big, 0.8, 0.2))
+    picked_first = (votes.choice == votes.shown_first).to_numpy()
 
-    def dens(e, idx):
-        return e ** (0.7 - 1) * (1 - e) ** (1.5 - 1) * np.prod(e * m[idx] + (1 - e) * c[idx])
+    def lik(e, r, idx):
+        c = np.full(idx.sum(), 0.5) if rho is None else np.where(picked_first[idx], r, 1 - r)
+        return e * (1 - e) * np.prod(e * m[idx] + (1 - e) * c)   # Beta(2, 2) up to its constant
 
-    for u in range(3):
-        idx = user == u
-        z = integrate.quad(dens, 0, 1, args=(idx,), limit=200)[0]
-        mu1 = integrate.quad(lambda e, idx=idx: e * dens(e, idx), 0, 1, limit=200)[0] / z
-        tail = integrate.quad(dens, 0.6, 1, args=(idx,), limit=200)[0] / z
-        assert mean[u] == pytest.approx(mu1, abs=1e-4)
-        assert above[u] == pytest.approx(tail, abs=1e-4)
+    for u in ("good", "meh"):
+        idx = (votes.user_id == u).to_numpy()
+        if rho_prior is None:
+            z = integrate.quad(lambda e, idx=idx: lik(e, rho, idx), 0, 1)[0]
+            tail = integrate.quad(lambda e, idx=idx: lik(e, rho, idx), 0.6, 1)[0] / z
+        else:   # rho_u ~ Beta(3, 2) integrated too
+            z = integrate.dblquad(lambda r, e, idx=idx: lik(e, r, idx) * r ** 2 * (1 - r), 0, 1, 0, 1)[0]
+            tail = integrate.dblquad(lambda r, e, idx=idx: lik(e, r, idx) * r ** 2 * (1 - r), 0.6, 1, 0, 1)[0] / z
+        assert got[u] == pytest.approx(tail, abs=1e-4)
 
 
 def test_weights_and_position_bias_epsilon():
