@@ -215,6 +215,89 @@ def strengths_figure(strengths: dict):
     return fig
 
 
+def profile_figure(profiles: dict, level: float):
+    """Profile log-likelihood of each profiled mu (other globals re-maximised), with the interval cut-off."""
+    from scipy import stats
+
+    fig = _new_figure(7.0, 3.8)
+    ax = fig.add_subplot()
+    for label, prof in profiles.items():
+        mu, obj = np.asarray(prof.get("mu", []), float), np.asarray(prof.get("objective", []), float)
+        if not len(mu):
+            continue
+        order = np.argsort(mu)
+        ax.plot(mu[order], obj[order] - np.nanmax(obj), "-o", ms=3, label=label)
+    ax.axhline(-stats.chi2.ppf(level, 1) / 2, color="grey", ls=":", label=f"{level:.0%} cut-off")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-6, 0.5)
+    ax.set_xlabel("mu")
+    ax.set_ylabel("profile log-likelihood - max")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _posterior_figures(outdir: Path) -> tuple[list[Figure], list[str]]:
+    """Trace of the globals and a predictive check from OUTDIR/posterior.nc (sampling methods), drawn here."""
+    path = outdir / "posterior.nc"
+    if not path.is_file():
+        return [], []
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import arviz as az
+
+            idata = az.from_netcdf(path)
+    except Exception as e:  # an unreadable optional file must not lose the whole report
+        return [], [f"{path.name} could not be read: {type(e).__name__}: {e}"]
+    figs: list[Figure] = []
+    post = idata.posterior
+    names = [v for v in ("a", "b", "mu", "rho") if v in post]
+    series = []
+    for v in names:
+        da = post[v]
+        extra = [d for d in da.dims if d not in ("chain", "draw")]
+        if extra:
+            for coord in da[extra[0]].values[:6]:
+                series.append((f"{v}[{coord}]", da.sel({extra[0]: coord}).values))
+        else:
+            series.append((v, da.values))
+    if series:
+        fig = _new_figure(9.0, 1.6 * len(series) + 0.6)
+        axes = fig.subplots(len(series), 2, squeeze=False, width_ratios=[3, 1])
+        for (label, vals), (ax_t, ax_h) in zip(series, axes, strict=True):
+            for c in range(vals.shape[0]):
+                ax_t.plot(vals[c], lw=0.6, alpha=0.8)
+                ax_h.hist(vals[c], bins=30, histtype="step", orientation="horizontal")
+            ax_t.set_ylabel(label)
+            ax_h.set_yticks([])
+        axes[-1, 0].set_xlabel("draw")
+        axes[-1, 1].set_xlabel("count")
+        figs.append(Figure("trace", "trace of the globals", "Each chain's draws of the global parameters (left) "
+                           "and their histograms (right). Chains that overlap and look like stationary noise have "
+                           "mixed; see the sampler diagnostics table for r_hat and effective sample sizes.",
+                           png_bytes(fig)))
+    if "posterior_predictive" in idata.groups() and "choice_rate" in idata.posterior_predictive:
+        obs = np.asarray(idata.observed_data["choice_rate"].values, float)
+        rep = np.asarray(idata.posterior_predictive["choice_rate"].values, float).reshape(-1, obs.shape[-1])
+        rng = np.random.default_rng(0)
+        fig = _new_figure(7.0, 3.8)
+        ax = fig.add_subplot()
+        bins = np.linspace(0, 1, 26)
+        for i in rng.choice(len(rep), size=min(50, len(rep)), replace=False):
+            ax.hist(rep[i][np.isfinite(rep[i])], bins=bins, histtype="step", color="tab:blue", alpha=0.12)
+        ax.hist(obs[np.isfinite(obs)], bins=bins, histtype="step", color="black", lw=2, label="observed")
+        ax.plot([], [], color="tab:blue", alpha=0.5, label="replicated from posterior draws")
+        ax.set_xlabel("per-user rate of picking the favoured model")
+        ax.set_ylabel("users")
+        ax.legend(fontsize=8)
+        figs.append(Figure("ppc", "posterior predictive check", "The observed distribution of per-user choice "
+                           "rates (black) against replicates drawn from the posterior (blue). A model that misses "
+                           "the population's shape shows it here.", png_bytes(fig)))
+    return figs, []
+
+
 def _own_figures(users: pd.DataFrame, params: dict) -> list[Figure]:
     level = _num(params.get("interval_level"), 0.9)
     pairs = pd.DataFrame(params["mu"])
@@ -235,6 +318,11 @@ def _own_figures(users: pd.DataFrame, params: dict) -> list[Figure]:
                "as votes accumulate; users with a handful of votes stay close to the prior.",
                png_bytes(user_intervals_figure(users, level))),
     ]
+    if params.get("profiles"):
+        figs.append(Figure("profiles", "profile likelihood of mu", "For each profiled pair, the log-likelihood with "
+                           "every other parameter re-maximised at each mu. The interval is where the curve stays "
+                           "above the dotted line; a curve still flat at 0 or 1 means the data do not bound mu on "
+                           "that side.", png_bytes(profile_figure(params["profiles"], level))))
     if params.get("strengths"):
         figs.append(Figure("strengths", "generator strengths", "Bradley-Terry strengths of the generator models with "
                            "their intervals; mu for a pair is sigmoid(s_A - s_B).",
@@ -417,6 +505,10 @@ def build_report(outdir: str | Path, *, title: str | None = None, with_plots_mod
     if with_plots_module:
         extra, notes = _plots_figures(outdir)
         figures += extra
+    if not any(f.source == "heedful.plots" for f in figures):
+        extra, more = _posterior_figures(outdir)
+        figures += extra
+        notes += more
     title = title or f"heedful fit report: {outdir.resolve().name}"
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     level = _num(params.get("interval_level"), 0.9)

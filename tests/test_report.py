@@ -104,3 +104,31 @@ def test_cli_report(fit_dir: Path, tmp_path: Path) -> None:
     bad = subprocess.run([HEEDFUL, "report", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_report_draws_profiles_and_posterior_figures(tmp_path: Path) -> None:
+    """Profile curves in params.json and a posterior.nc (sampling methods) add their figures."""
+    import numpy as np
+
+    from heedful.outputs import write_inference_data
+
+    sim = simulate(200, 6, seed=5)
+    model = Attentiveness(options={"profile": True}).fit(sim.votes)
+    write_fit(tmp_path, model.users_, model.params())
+    assert model.params()["profiles"]
+    az = pytest.importorskip("arviz")
+    rng = np.random.default_rng(0)
+    chains, draws, users = 2, 50, len(model.users_)
+    obs = rng.uniform(0, 1, users)
+    idata = az.from_dict(
+        posterior={"a": rng.gamma(3, 1, (chains, draws)), "b": rng.gamma(5, 1, (chains, draws)),
+                   "mu": rng.beta(8, 2, (chains, draws, 1))},
+        observed_data={"choice_rate": obs},
+        posterior_predictive={"choice_rate": rng.uniform(0, 1, (chains, draws, users))},
+        coords={"pair": ["strong-model vs weak-model"], "user": model.users_.user_id.to_numpy()},
+        dims={"mu": ["pair"], "choice_rate": ["user"]})
+    write_inference_data(tmp_path / "posterior.nc", idata)
+    rep = build_report(tmp_path, with_plots_module=False)
+    keys = {f.key for f in rep.figures}
+    assert {"profiles", "trace", "ppc"} <= keys
+    assert len(_images(rep.html)) == len(rep.figures)
