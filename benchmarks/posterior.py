@@ -1,0 +1,109 @@
+"""Scaling and calibration runs for ``--method nuts`` and ``--method svi`` (issue 4); prints the figures.
+
+    python benchmarks/posterior.py collapsed   # 5,000 users x 20 votes, NUTS collapsed, 4 chains x 1,000 draws
+    python benchmarks/posterior.py full        # 1,000 users x 20 votes, NUTS over every eta_u
+    python benchmarks/posterior.py svi         # 1,000,000 users x 20 votes, SVI to convergence
+    python benchmarks/posterior.py svi-small   # 5,000 users: SVI coverage and widths vs NUTS
+    python benchmarks/posterior.py all
+
+Simulated data: ``heedful.simulate`` with eta ~ Beta(3, 5), one pair with mu = 0.8. mu is given as
+known in the config (as the design notes say, mu alone is weakly identified from the population), the
+eta prior (a, b) is learned. Options: ``--users N``, ``--draws D``, ``--chains C``, ``--mu-free``.
+Timings are wall-clock on whatever machine runs this; say how loaded it was (``uptime``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+import heedful  # noqa: F401  (OpenMP wait policy before torch)
+from heedful.config import PairPrior, Priors
+from heedful.inference import Attentiveness
+from heedful.inference.diagnostics import compare
+from heedful.simulate import simulate
+
+KNOWN = Priors(pairs=(PairPrior("strong-model", "weak-model", mu=0.8),))
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def coverage(model: Attentiveness, truth) -> float:
+    u = model.users_.merge(truth, on="user_id")
+    return float(np.mean((u.true_eta >= u.eta_lo) & (u.true_eta <= u.eta_hi)))
+
+
+def run_nuts(users: int, form: str, draws: int, chains: int, priors: Priors, seed: int = 1) -> Attentiveness:
+    sim = simulate(users, 20, seed=seed)
+    t0 = time.perf_counter()
+    m = Attentiveness("nuts", priors, options=dict(draws=draws, warmup=draws, chains=chains, form=form,
+                                                   seed=seed)).fit(sim.votes)
+    wall = time.perf_counter() - t0
+    d = m.diagnostics_
+    print(f"NUTS {form}: {users:,} users x 20 votes, {chains} chains x {draws} draws (+{draws} warm-up): "
+          f"wall {wall:.1f} s (sampling {d['sampling_s']:.1f} s), max r_hat {d['max_r_hat']:.4f}, "
+          f"min ess_bulk {d['min_ess_bulk']:.0f}, min ess_tail {d['min_ess_tail']:.0f}, "
+          f"divergences {d['divergences']}; load {_load()}")
+    g = d["globals"]
+    print("  globals: " + ", ".join(f"{k} {v['mean']:.3f} (sd {v['sd']:.3f}, r_hat {v['r_hat']:.4f}, "
+                                    f"ess_bulk {v['ess_bulk']:.0f})" for k, v in g.items()))
+    print(f"  90% eta interval coverage: {coverage(m, sim.users):.3f}")
+    mm = Attentiveness("marginal", priors).fit(sim.votes)
+    c = compare(mm, m)
+    print(f"  marginal vs NUTS: mean |eta_mean difference| {c['mean_abs_diff_eta_mean']:.4f} "
+          f"(max {c['max_abs_diff_eta_mean']:.4f}); interval width ratio NUTS/marginal {c['median_width_ratio']:.3f}; "
+          f"marginal coverage {coverage(mm, sim.users):.3f}")
+    m.sim_ = sim
+    return m
+
+
+def run_svi(users: int, priors: Priors, seed: int = 2, nuts: Attentiveness | None = None) -> Attentiveness:
+    sim = simulate(users, 20, seed=seed) if nuts is None else nuts.sim_
+    t0 = time.perf_counter()
+    m = Attentiveness("svi", priors, options=dict(seed=seed)).fit(sim.votes)
+    wall = time.perf_counter() - t0
+    d = m.diagnostics_
+    print(f"SVI: {users:,} users x 20 votes: wall {wall:.1f} s (optimisation {d['svi_s']:.1f} s, "
+          f"{d['steps']} steps, batch {d['batch_size']:,}, converged {m.converged_}); load {_load()}")
+    print(f"  eta prior Beta({m.eta_prior_['a']:.3f}, {m.eta_prior_['b']:.3f}); "
+          f"90% eta interval coverage {coverage(m, sim.users):.3f}")
+    if nuts is not None:
+        c = compare(nuts, m)
+        print(f"  SVI vs NUTS: median interval width ratio {c['median_width_ratio']:.3f} "
+              f"(mean width NUTS {c['mean_width_reference']:.3f}, SVI {c['mean_width_other']:.3f}); "
+              f"mean |eta_mean difference| {c['mean_abs_diff_eta_mean']:.4f}")
+    return m
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["collapsed", "full", "svi", "svi-small", "all"])
+    p.add_argument("--users", type=int)
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--mu-free", action="store_true", help="learn mu (flat prior) instead of knowing it")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("HEEDFUL_THREADS", "2")))
+    priors = Priors() if args.mu_free else KNOWN
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {_load()}")
+    nuts = None
+    if args.what in ("collapsed", "all"):
+        nuts = run_nuts(args.users or 5000, "collapsed", args.draws, args.chains, priors)
+    if args.what in ("full", "all"):
+        run_nuts(args.users or 1000, "full", args.draws, args.chains, priors)
+    if args.what in ("svi-small", "all"):
+        if nuts is None:
+            nuts = run_nuts(args.users or 5000, "collapsed", args.draws, args.chains, priors)
+        run_svi(nuts.stats_.n_users, priors, nuts=nuts)
+    if args.what in ("svi", "all"):
+        run_svi(args.users or 1_000_000, priors)
+
+
+if __name__ == "__main__":
+    main()

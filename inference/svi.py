@@ -1,0 +1,246 @@
+"""``--method svi``: stochastic variational inference on the collapsed likelihood (z, t summed out).
+
+Model (:func:`svi_model`): the globals under the priors of :mod:`heedful.inference.nuts`, then
+
+    eta_u ~ Beta(a, b),    log p(y_u | eta_u) = sum_cells count log(c + eta_u (m - c))
+
+with the users plate subsampled (``batch_size`` users a step, the factor scaled by U / batch) when the
+data are large. Guide (kept apart from the model): the globals by ``AutoDelta`` (default: MAP, with
+intervals from the curvature of the exact marginal objective, as ``--method marginal``) or
+``AutoNormal``; every user a logit-normal q(eta_u) = sigmoid_* Normal(loc_u, scale_u), started from
+the user's pick rate.
+
+Convergence rule: the ELBO is averaged over windows of ``window`` steps; the fit stops when the gain
+of one window over the previous is within two standard errors of zero (the optimiser only moves in
+the noise of its own gradient estimate) or ``max_steps`` / ``time_limit`` is reached (then
+``converged`` is false and a warning says so). Adam's learning rate decays from ``lr`` by ``lr_decay``
+over the run (``ClippedAdam``).
+
+Per-user summaries come from q: the median sigmoid(loc) (``eta_hat``), the central interval
+sigmoid(loc +- z scale), the mean and sd by 32-node Gauss-Hermite.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
+from scipy import stats as sstats
+
+from heedful.inference.globals import GlobalSpec, initial_mu
+from heedful.inference.nuts import (
+    MAX_STORED_VALUES,
+    UserCells,
+    _stored_users,
+    draw_globals,
+    gold_loglik_cells,
+    sample_globals,
+    user_cells,
+)
+from heedful.inference.posterior import UserPosterior
+
+FULL_BATCH_MAX = 2_000_000     # users; more than this and the users plate is subsampled by default
+
+
+def svi_model(cells: UserCells, spec: GlobalSpec, batch: int | None = None) -> None:
+    """Globals, then every user's eta (subsampled plate) with the collapsed count likelihood."""
+    g = sample_globals(spec, cells.count.dtype, cells.count.device)
+    pyro.factor("gold", gold_loglik_cells(cells, g.mu))
+    with pyro.plate("users", cells.n_users, subsample_size=batch) as idx:
+        eta = pyro.sample("eta", dist.Beta(g.a, g.b))
+        ci, local = cells.subset(idx)
+        pyro.factor("votes", cells.loglik(eta, g, ci, local))
+
+
+def globals_model(cells: UserCells, spec: GlobalSpec, batch: int | None = None) -> None:
+    """The model's global sites alone: the prototype of the autoguide for the globals (no users plate)."""
+    sample_globals(spec, cells.count.dtype, cells.count.device)
+
+
+def eta_guide(cells: UserCells, spec: GlobalSpec, batch: int | None = None, *, init_loc: torch.Tensor,
+              init_scale: torch.Tensor) -> None:
+    """q(eta_u) = logit-normal(loc_u, scale_u), one pair of parameters per user."""
+    loc = pyro.param("eta_loc", init_loc)
+    scale = pyro.param("eta_scale", init_scale, constraint=constraints.positive)
+    with pyro.plate("users", cells.n_users, subsample_size=batch) as idx:
+        pyro.sample("eta", dist.TransformedDistribution(dist.Normal(loc[idx], scale[idx]),
+                                                         [dist.transforms.SigmoidTransform()]))
+
+
+def initial_state(cells: UserCells, mu0: torch.Tensor) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Moment start for (a, b) and every q(eta_u).
+
+    A vote picking a side with attentive probability m has P = 1/2 + eta (m - 1/2), so least squares over a
+    user's votes gives eta_ls = sum n (m - 1/2) / 2 / d, d = sum n (m - 1/2)^2, with noise variance 1 / (4 d).
+    The population mean and variance of eta are the mean of eta_ls and its variance less the mean noise
+    (method of moments); each user's start is the precision-weighted mix of eta_ls and the population mean,
+    its scale the combined sd, mapped to the logit.
+    """
+    m = cells.kinds.attentive_prob(mu0)[cells.kind] - 0.5
+    U = cells.n_users
+    s = torch.zeros(U, dtype=m.dtype).index_add(0, cells.user, cells.count * m / 2)
+    d = torch.zeros(U, dtype=m.dtype).index_add(0, cells.user, cells.count * m * m)
+    ok = d > 0
+    ls = s[ok] / d[ok]
+    mean = float(ls.mean().clamp(0.05, 0.95)) if bool(ok.any()) else 0.5
+    var = float(ls.var() - (1 / (4 * d[ok])).mean()) if int(ok.sum()) > 1 else 0.0
+    var = min(max(var, 1e-3), 0.9 * mean * (1 - mean))
+    k = mean * (1 - mean) / var - 1
+    prec0 = 1.0 / var
+    eta0 = torch.where(ok, (s / d.clamp_min(1e-12) * 4 * d + mean * prec0) / (4 * d + prec0),
+                       torch.full_like(d, mean)).clamp(0.02, 0.98)
+    sd = 1.0 / torch.sqrt(4.0 * d + prec0)
+    return mean * k, (1 - mean) * k, torch.log(eta0) - torch.log1p(-eta0), (sd / (eta0 * (1 - eta0))).clamp(0.05, 3.0)
+
+
+def fit_svi(ctx) -> object:
+    """The registry entry for ``--method svi`` (see :mod:`heedful.inference.estimator`)."""
+    from heedful.inference.diagnostics import build_inference_data, summarize
+    from heedful.inference.estimator import MethodResult
+    from heedful.inference.marginal import objective
+    from heedful.inference.result import GlobalFit, covariance, hessian_fd
+    from heedful.model.likelihood import log_marginal
+
+    opt = ctx.options
+    stats, spec, plan = ctx.stats, ctx.spec, ctx.plan
+    dt, dev = torch.float64, torch.device("cpu")
+    seed = int(opt.get("seed", 0))
+    n_draws = int(opt.get("draws", 1000))
+    lr, lr_decay = float(opt.get("lr", 0.05)), float(opt.get("lr_decay", 0.1))
+    window, max_steps = int(opt.get("window", 25)), int(opt.get("max_steps", 3000))
+    min_steps = int(opt.get("min_steps", 4 * window))
+    time_limit = float(opt.get("time_limit", math.inf))
+    U = stats.n_users
+    batch = opt.get("batch_size")
+    batch = None if (batch is None and U <= FULL_BATCH_MAX) else int(batch or FULL_BATCH_MAX // 4)
+    batch = None if batch is not None and batch >= U else batch
+    k = plan.kinds
+    from heedful.model.likelihood import Kinds
+    cells = user_cells(stats, spec, dev, dt, Kinds(k.pair.to(dev), k.pick_a.to(dev), k.first.to(dev), k.gold.to(dev)))
+    mu0 = torch.as_tensor(initial_mu(stats, spec), dtype=dt)
+    a0, b0, init_loc, init_scale = initial_state(cells, mu0)
+    init_values = {}
+    if spec.eta_fixed is None:
+        init_values = {"eta_mean": torch.tensor(a0 / (a0 + b0), dtype=dt), "eta_conc": torch.tensor(a0 + b0, dtype=dt)}
+    if spec.free_mu.any() and not spec.strengths:
+        init_values["mu_free"] = mu0[torch.as_tensor(spec.free_mu)]
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = svi_model
+    which = opt.get("globals", "delta")
+    init_fn = init_to_value(values=init_values)
+    auto = (AutoNormal(globals_model, init_loc_fn=init_fn, init_scale=0.05) if which == "normal"
+            else AutoDelta(globals_model, init_loc_fn=init_fn))
+
+    def guide(cells: UserCells, spec: GlobalSpec, batch: int | None = None) -> None:
+        auto(cells, spec, batch)
+        eta_guide(cells, spec, batch, init_loc=init_loc, init_scale=init_scale)
+
+    steps_hint = max_steps
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / steps_hint), "clip_norm": 100.0})
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    scale = 1.0 / max(stats.n_votes, 1)
+    losses: list[float] = []
+    converged, t0 = False, time.perf_counter()
+    prev = None
+    step = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was not registered in the param store.*")
+        for step in range(1, max_steps + 1):
+            losses.append(svi.step(cells, spec, batch))
+            if ctx.progress and step % 10 == 0:
+                ctx.progress(step, -float(np.mean(losses[-10:])))
+            if step % window == 0:
+                w = np.asarray(losses[-window:])
+                cur = (w.mean(), w.std(ddof=1) / math.sqrt(window))
+                if prev is not None and step >= min_steps:
+                    gain = prev[0] - cur[0]                  # loss decrease = ELBO gain
+                    if gain < 2.0 * math.hypot(prev[1], cur[1]):
+                        converged = True
+                        break
+                prev = cur
+            if time.perf_counter() - t0 > time_limit:
+                break
+    svi_s = time.perf_counter() - t0
+    fit_warnings = [] if converged else [
+        f"SVI stopped after {step} steps without meeting its convergence rule (ELBO still rising by more than "
+        "its noise); raise max_steps or time_limit"]
+
+    # -- the globals: point (AutoDelta) or draws (AutoNormal) -------------------------------------------
+    with torch.no_grad():
+        if which == "normal":
+            pyro.set_rng_seed(seed + 1)
+            sites: dict[str, list] = {}
+            for _ in range(n_draws):
+                for name, v in auto().items():
+                    sites.setdefault(name, []).append(v.detach())
+            samples = {kk: torch.stack(v)[None] for kk, v in sites.items()}
+        else:
+            point = {kk: v.detach() for kk, v in auto().items()}
+            samples = {kk: v.expand(n_draws, *v.shape)[None] for kk, v in point.items()}
+    gd = draw_globals(spec, samples) if samples else _fixed_draws(spec, n_draws, dt)
+    a_m, b_m = float(gd["a"].mean()), float(gd["b"].mean())
+    mu_m = gd["mu"].reshape(-1, spec.n_pairs).mean(0)
+    rho_m = float(gd["rho"].mean()) if "rho" in gd else None
+    theta = spec.pack(a_m, b_m, mu_m.numpy(), rho_m, dt, dev)
+
+    def grad(th: torch.Tensor) -> torch.Tensor:
+        th = th.detach().clone().requires_grad_(True)
+        return torch.autograd.grad(-objective(plan, spec, th), th)[0]
+
+    if spec.n_free:
+        cov, w = covariance(hessian_fd(grad, theta), spec.theta_names(stats.pair_labels()))
+        fit_warnings += w
+    else:
+        cov = np.zeros((0, 0))
+    with torch.no_grad():
+        obj = float(objective(plan, spec, theta))
+        ll = float(log_marginal(plan, *spec.unpack(theta)))
+
+    # -- per-user summaries and draws from q ---------------------------------------------------------
+    loc = pyro.param("eta_loc").detach()
+    sc = pyro.param("eta_scale").detach()
+    post = logit_normal_summaries(loc, sc, ctx.level)
+    stored = _stored_users(U, n_draws, int(opt.get("max_stored_values", MAX_STORED_VALUES)), seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    z = torch.randn(n_draws, stored.shape[0], generator=gen, dtype=dt)
+    eta = torch.sigmoid(loc[stored] + sc[stored] * z).float()[None]
+    idata = build_inference_data(stats, spec, cells, samples, gd, eta, stored, None, seed=seed, method="svi")
+    diag = summarize(idata, method="svi", check_mixing=False)
+    every = max(1, len(losses) // 200)
+    diag.update({"globals_guide": which, "steps": step, "batch_size": batch or U, "svi_s": round(svi_s, 2),
+                 "converged": converged, "elbo_per_vote": [-float(v) * scale for v in losses[::every]],
+                 "elbo_every": every, "lr": lr, "stored_users": int(stored.shape[0])})
+    fit = GlobalFit(a=a_m, b=b_m, mu=mu_m.numpy(), rho=rho_m, theta=theta.numpy(), cov=cov, objective=obj,
+                    log_likelihood=ll, iterations=step, converged=converged, warnings=fit_warnings, spec=spec)
+    return MethodResult(fit=fit, posterior=post, inference_data=idata, diagnostics=diag)
+
+
+def _fixed_draws(spec: GlobalSpec, n: int, dt: torch.dtype) -> dict[str, torch.Tensor]:
+    g = spec.unpack(torch.zeros(0, dtype=dt))
+    out = {"a": g.a.expand(1, n), "b": g.b.expand(1, n), "mu": g.mu.expand(1, n, spec.n_pairs)}
+    if g.rho is not None:
+        out["rho"] = g.rho.expand(1, n)
+    return out
+
+
+def logit_normal_summaries(loc: torch.Tensor, scale: torch.Tensor, level: float, nodes: int = 32) -> UserPosterior:
+    """Median, central interval (exact quantiles), mean and sd (Gauss-Hermite) of sigmoid(Normal(loc, scale))."""
+    z = float(sstats.norm.ppf(0.5 + level / 2))
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    x, w = torch.as_tensor(x, dtype=loc.dtype), torch.as_tensor(w / w.sum(), dtype=loc.dtype)
+    e = torch.sigmoid(loc[:, None] + scale[:, None] * x)
+    mean = (e * w).sum(1)
+    sd = ((e * e * w).sum(1) - mean ** 2).clamp_min(0).sqrt()
+    return UserPosterior(mean=mean.numpy(), mode=torch.sigmoid(loc).numpy(),
+                         lo=torch.sigmoid(loc - z * scale).numpy(), hi=torch.sigmoid(loc + z * scale).numpy(),
+                         sd=sd.numpy())
