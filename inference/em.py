@@ -58,7 +58,7 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
     dt, dev = plan.dtype, plan.device
     cu, kind, cnt = cells["cell_user"], cells["cell_kind"], cells["count"]
     kinds = plan.kinds
-    pair, pick_a, first, gold = kinds.pair[kind], kinds.pick_a[kind], kinds.first[kind], kinds.gold[kind]
+    first = kinds.first[kind]
     U, P = stats.n_users, stats.n_pairs
     n_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt)
     at, bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
@@ -78,24 +78,47 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
     al = torch.as_tensor(spec.mu_alpha, dtype=dt, device=dev)
     be = torch.as_tensor(spec.mu_beta, dtype=dt, device=dev)
     prior_mode = (a - 1) / (a + b - 2) if a + b > 2 else 0.5
-    no_gold, known_order = gold == 0, first > 0
-    prev = float(em_objective(eta, Globals(at, bt, mu, rho, rho_prior), spec, plan, cells))
+    known_order = first > 0
+    # per-kind sums replace per-cell scatters into pairs: attentive picks of canonical A / all, without gold
+    k_ng = (kinds.gold == 0).to(dt)
+    k_a = k_ng * kinds.pick_a.to(dt)
+    n_kinds = kinds.pair.shape[0]
+
+    def pair_sum(per_kind: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(P, dtype=dt, device=dev).index_add_(0, kinds.pair, per_kind)
+
+    def probs(mu: torch.Tensor, rho: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """m and c per cell (m from a per-kind table; c per kind, or per cell with a per-user rho)."""
+        m = kinds.attentive_prob(mu)[kind]
+        c = casual_prob(first, rho[cu]).to(dt) if spec.rho_user else casual_prob(kinds.first, rho).to(dt)[kind]
+        return m, c
+
+    def objective(eta: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor | None) -> tuple[float, tuple]:
+        """em_objective, keeping e = eta[cu], m, c and q = c + e (m - c) for the next E-step."""
+        m, c = probs(mu, rho)
+        e = eta[cu]
+        q = c + e * (m - c)
+        g = Globals(at, bt, mu, rho, rho_prior)
+        lp = (torch.xlogy(g.a - 1.0, eta) + torch.xlogy(g.b - 1.0, 1 - eta)).sum()
+        if spec.rho_user:
+            lp = lp + (torch.xlogy(rho_prior[0] - 1.0, rho) + torch.xlogy(rho_prior[1] - 1.0, 1 - rho)).sum()
+        ll = torch.xlogy(cnt, q).sum() + gold_loglik(plan, mu)
+        return float(ll + lp + spec.log_prior(torch.zeros(0, dtype=dt), g._replace(rho=None))), (e, m, c, q)
+
+    prev, state = objective(eta, mu, rho)
     if trace is not None:
         trace.append(prev)
     converged, it, obj = False, 0, prev
     for it in range(1, max_iter + 1):
-        m = kinds.attentive_prob(mu)[kind]
-        c = casual_prob(first, rho[cu] if spec.rho_user else rho).to(dt)
-        e = eta[cu]
-        r = e * m / (c + e * (m - c))
+        e, m, c, q = state
+        r = e * m / q
         att = cnt * r
         s_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, att)
         denom = n_user + a + b - 2
         eta = torch.where(denom > 0, (s_user + a - 1) / denom.clamp_min(1e-300),
                           torch.full_like(s_user, prior_mode)).clamp(0, 1 - 1e-12)
-        att_ng = att * no_gold
-        pa = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pair, att_ng * pick_a)
-        pn = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pair, att_ng)
+        att_k = torch.zeros(n_kinds, dtype=dt, device=dev).index_add_(0, kind, att)
+        pa, pn = pair_sum(att_k * k_a), pair_sum(att_k * k_ng)
         mu_new = (pa + plan.gold_a + al - 1) / (pn + plan.gold_n + al + be - 2).clamp_min(1e-300)
         mu_new = mu_new.clamp(1e-9, 1 - 1e-9)
         mu = torch.where(free, mu_new, mu)
@@ -107,7 +130,7 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             num = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cas * (first == 1)) + rho_prior[0] - 1
             den = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cas) + rho_prior[0] + rho_prior[1] - 2
             rho = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, 0.5)).clamp(1e-9, 1 - 1e-9)
-        obj = float(em_objective(eta, Globals(at, bt, mu, rho, rho_prior), spec, plan, cells))
+        obj, state = objective(eta, mu, rho)
         if trace is not None:
             trace.append(obj)
         if progress:

@@ -21,6 +21,7 @@ from heedful.model.quadrature import gauss_jacobi
 
 X_EDGE = 20.0
 MAX_ELEMENTS = 4_000_000   # grid cells per chunk: bounds memory whatever the number of users
+STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
 
 
 @dataclass
@@ -178,15 +179,21 @@ def _refine_modes(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float
     lo = torch.sigmoid(torch.as_tensor(bracket[:, 0], dtype=dt, device=dev))
     hi = torch.sigmoid(torch.as_tensor(bracket[:, 1], dtype=dt, device=dev))
     eta = torch.sigmoid(torch.as_tensor(np.nan_to_num(mode_x), dtype=dt, device=dev))
+    inside = torch.as_tensor(interior, device=dev)
     for _ in range(iters):
-        q = c + eta[cu] * d
-        g = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt * d / q) + (a - 1) / eta - (b - 1) / (1 - eta)
-        h = -torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt * d * d / (q * q)) \
+        t = d / (c + eta[cu] * d)              # d log(c + eta d) / d eta per vote
+        gc = cnt * t
+        g = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, gc) + (a - 1) / eta - (b - 1) / (1 - eta)
+        h = -torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, gc * t) \
             - (a - 1) / eta ** 2 - (b - 1) / (1 - eta) ** 2
         lo = torch.where(g > 0, eta, lo)       # the derivative's sign keeps the root bracketed
         hi = torch.where(g > 0, hi, eta)
         step = eta - g / h
-        ok = (h < 0) & (step > lo) & (step < hi)
-        eta = torch.where(ok, step, 0.5 * (lo + hi))
+        ok = (h < 0) & (step >= lo) & (step <= hi)   # closed: the root may sit on a bracket end
+        new = torch.where(ok, step, 0.5 * (lo + hi))
+        moved = float(torch.where(inside, (new - eta).abs(), torch.zeros_like(eta)).max())
+        eta = new
+        if moved <= STOP_STEP:                 # converged (or bracketed) to far below 1e-9 for every user
+            break
     mode[interior] = eta.cpu().numpy()[interior]
     return mode

@@ -17,6 +17,7 @@ Gold labels add sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)] (t obs
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,28 +63,85 @@ def vote_loglik(eta: torch.Tensor, m: torch.Tensor, c: torch.Tensor, count: torc
 
 @dataclass
 class Bucket:
-    """Users with similar vote counts, their distinct (kind, count) patterns, and the incidence."""
+    """Users with similar vote counts, their distinct (kind, count) patterns, and the incidence.
+
+    The incidence is a CSR matrix (rows: the bucket's users, in global order; columns: patterns; a 1
+    where the user has a cell with that pattern); ``incidence_t`` is its transpose, also CSR, for the
+    backward pass: d/d table of sum(G * (incidence @ table)) = incidence^T @ G.
+    """
 
     n_nodes: int
     users: torch.Tensor         # long [Ub]: global user index
     pattern_kind: torch.Tensor  # long [Q]
     count: torch.Tensor         # [Q]
-    incidence: torch.Tensor     # sparse [Ub, Q]: how many of a user's cells have this pattern
+    incidence: torch.Tensor     # sparse CSR [Ub, Q]
+    incidence_t: torch.Tensor   # sparse CSR [Q, Ub]
 
     def row_chunks(self, max_rows: int) -> list[tuple[int, torch.Tensor]]:
-        """Row ranges of the incidence as (first row, sparse [rows, Q]) pieces of at most max_rows rows."""
-        n = self.incidence.shape[0]
+        """Row ranges of the incidence as (first row, CSR [rows, Q]) pieces of at most max_rows rows."""
+        n, q = self.incidence.shape
         if n <= max_rows:
             return [(0, self.incidence)]
-        idx, val = self.incidence.indices(), self.incidence.values()
+        crow, col, val = self.incidence.crow_indices(), self.incidence.col_indices(), self.incidence.values()
         out = []
         for start in range(0, n, max_rows):
             stop = min(start + max_rows, n)
-            lo, hi = torch.searchsorted(idx[0], torch.tensor([start, stop], device=idx.device)).tolist()
-            sub = idx[:, lo:hi] - torch.tensor([[start], [0]], device=idx.device)
-            out.append((start, torch.sparse_coo_tensor(sub, val[lo:hi], (stop - start, self.incidence.shape[1]),
-                                                       check_invariants=False)))
+            lo, hi = int(crow[start]), int(crow[stop])
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+                out.append((start, torch.sparse_csr_tensor(crow[start:stop + 1] - lo, col[lo:hi], val[lo:hi],
+                                                           (stop - start, q), check_invariants=False)))
         return out
+
+
+class _RowSums(torch.autograd.Function):
+    """incidence @ table with the backward pass through the precomputed transpose (CSR both ways)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, incidence: torch.Tensor, incidence_t: torch.Tensor) -> torch.Tensor:
+        ctx.incidence_t = incidence_t
+        return incidence @ table
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.incidence_t @ grad.contiguous(), None, None
+
+
+def row_sums(incidence: torch.Tensor, table: torch.Tensor, incidence_t: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over each user's patterns of table[pattern]: [U, G] = incidence [U, Q] @ table [Q, G]."""
+    if incidence_t is not None and table.requires_grad and torch.is_grad_enabled():
+        return _RowSums.apply(table, incidence, incidence_t)
+    return incidence @ table
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dtype) -> torch.Tensor:
+    """CSR of a 0/1 matrix from (row, col) pairs sorted by row (ties in any order)."""
+    crow = np.zeros(shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.as_tensor(crow, device=device), torch.as_tensor(cols, device=device),
+                                       torch.ones(len(cols), dtype=dtype, device=device), shape,
+                                       check_invariants=False)
+
+
+def _small_sort(keys: np.ndarray) -> np.ndarray:
+    """Stable argsort of small non-negative integers (radix sort when they fit in 16 bits)."""
+    if len(keys) and keys.max() < 1 << 15:
+        return np.argsort(keys.astype(np.int16), kind="stable")
+    return np.argsort(keys, kind="stable")
+
+
+def _unique_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, return_inverse=True) for non-negative ints, by a dense table when the range is small."""
+    top = int(key.max()) + 1 if len(key) else 0
+    if top > 1 << 26 or top > 8 * len(key) + 1024:
+        uniq, inv = np.unique(key, return_inverse=True)
+        return uniq, inv.reshape(-1)
+    present = np.bincount(key, minlength=top) > 0
+    uniq = np.flatnonzero(present)
+    code = np.cumsum(present) - 1
+    return uniq, code[key]
 
 
 @dataclass
@@ -101,31 +159,41 @@ class QuadraturePlan:
 
 
 def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:
-    """Group users by vote count (powers of two) and deduplicate (kind, count) patterns per bucket."""
+    """Group users by vote count (powers of two) and deduplicate (kind, count) patterns per bucket.
+
+    Linear time apart from one radix sort: cells are ordered by bucket (stably, so by user inside a
+    bucket), patterns numbered through a dense (kind, count) table, and the incidence built as CSR.
+    """
     nu = stats.user_votes()
+    cell_user, cell_kind, cell_count = stats.cell_user, stats.cell_kind, stats.cell_count
+    if len(cell_user) > 1 and (np.diff(cell_user) < 0).any():
+        by_user = np.argsort(cell_user, kind="stable")
+        cell_user, cell_kind, cell_count = cell_user[by_user], cell_kind[by_user], cell_count[by_user]
     bucket_of_user = np.where(nu > 0, np.floor(np.log2(np.maximum(nu, 1))).astype(np.int64), -1)
-    bucket_of_cell = bucket_of_user[stats.cell_user]
-    order = np.argsort(bucket_of_cell, kind="stable")
-    bounds = np.searchsorted(bucket_of_cell[order], np.unique(bucket_of_user[bucket_of_user >= 0]), side="left")
-    ends = np.r_[bounds[1:], len(order)]
+    bucket_of_cell = bucket_of_user[cell_user]
+    present = np.unique(bucket_of_user[bucket_of_user >= 0])
+    order = None if len(present) <= 1 else _small_sort(bucket_of_cell)
+    sizes = np.bincount(bucket_of_cell, minlength=int(present.max()) + 1 if len(present) else 0)
+    bounds = np.concatenate([[0], np.cumsum(sizes[present])])
     buckets = []
     local = np.full(stats.n_users, -1, dtype=np.int64)
-    for j, s, e in zip(np.unique(bucket_of_user[bucket_of_user >= 0]), bounds, ends, strict=True):
+    for j, s, e in zip(present, bounds[:-1], bounds[1:], strict=True):
         users = np.flatnonzero(bucket_of_user == j)
-        cells = order[s:e]
+        cells = slice(s, e) if order is None else order[s:e]
         local[users] = np.arange(len(users))
-        pat = np.stack([stats.cell_kind[cells], stats.cell_count[cells]], axis=1)
-        uniq, inv = np.unique(pat, axis=0, return_inverse=True)
-        rows = torch.as_tensor(local[stats.cell_user[cells]], device=device)
-        cols = torch.as_tensor(inv.reshape(-1), device=device)
-        inc = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(cells), dtype=dtype, device=device),
-                                      (len(users), len(uniq)), check_invariants=False).coalesce()
+        kind, count = cell_kind[cells], cell_count[cells]
+        width = int(count.max()) + 1
+        uniq, inv = _unique_inverse(kind * width + count)
+        rows = local[cell_user[cells]]
+        q = len(uniq)
+        by_col = _small_sort(inv) if q < 1 << 15 else np.argsort(inv, kind="stable")
         buckets.append(Bucket(
             n_nodes=nodes_for(int(nu[users].max()), cap),
             users=torch.as_tensor(users, device=device),
-            pattern_kind=torch.as_tensor(uniq[:, 0], device=device),
-            count=torch.as_tensor(uniq[:, 1], device=device, dtype=dtype),
-            incidence=inc,
+            pattern_kind=torch.as_tensor(uniq // width, device=device),
+            count=torch.as_tensor(uniq % width, device=device, dtype=dtype),
+            incidence=_csr(rows, inv, (len(users), q), device, dtype),
+            incidence_t=_csr(inv[by_col], rows[by_col], (q, len(users)), device, dtype),
         ))
     k = stats.kinds()
     kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
@@ -167,7 +235,9 @@ def bucket_loglik_at(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu
     first = plan.kinds.first[bucket.pattern_kind].unsqueeze(1)
     c = casual_prob(first, rho if rho is None or rho.dim() == 0 else rho.unsqueeze(0)).to(eta.dtype)
     table = vote_loglik(eta.unsqueeze(0), m, c, bucket.count.unsqueeze(1))
-    return torch.sparse.mm(bucket.incidence if incidence is None else incidence, table)
+    if incidence is None:
+        return row_sums(bucket.incidence, table, bucket.incidence_t)
+    return row_sums(incidence, table)
 
 
 def gold_loglik(plan: QuadraturePlan, mu: torch.Tensor) -> torch.Tensor:
