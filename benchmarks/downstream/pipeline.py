@@ -37,7 +37,7 @@ class Settings:
     """Everything one run of the benchmark depends on (defaults: the README's table)."""
 
     test_frac: float = 0.25
-    taus: tuple[float, ...] = (0.4, 0.5, 0.6)
+    taus: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
     population: Population = field(default_factory=Population)
     mu: str = "known"             # "known": gold pair win rates; "learn": one mu per pair; "strengths": BT
     gold_fraction: float = 0.0    # share of training votes whose gold label heedful sees (``gold`` column)
