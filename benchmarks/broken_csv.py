@@ -1,10 +1,11 @@
 """A large vote CSV with one broken row in the middle: clear error, no partial output, bounded memory.
 
 Writes ROWS valid votes (user_id, model_a, model_b, choice, vote_id) with one row carrying an extra field
-at the middle, runs ``heedful fit`` on it under ``/usr/bin/time -v`` and prints the exit code, the error
-line, peak RSS and wall time, and whether anything was left in the output folder.
+at the middle, then, each under ``/usr/bin/time -v``, runs ``heedful fit`` on it (``--via cli``) and/or
+``heedful.votes.read_votes`` (``--via read_votes``), and prints the exit code, the error line, peak RSS
+and wall time, and whether anything was left in the output folder.
 
-    python benchmarks/broken_csv.py [--rows 10000000] [--workdir /tmp/heedful-bench] [--valid]
+    python benchmarks/broken_csv.py [--rows 10000000] [--workdir /tmp/heedful-bench] [--valid] [--via cli]
 
 ``--valid`` leaves the broken row out (to compare the cost of reading a good file of the same size).
 """
@@ -48,7 +49,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/heedful-bench"))
     ap.add_argument("--valid", action="store_true", help="no broken row")
     ap.add_argument("--keep", action="store_true", help="keep the CSV for another run")
+    ap.add_argument("--via", choices=["cli", "read_votes"], action="append",
+                    help="what to run (repeatable; default both)")
     args = ap.parse_args()
+    args.via = args.via or ["cli", "read_votes"]
     args.workdir.mkdir(parents=True, exist_ok=True)
     broken_at = None if args.valid else args.rows // 2
     csv = args.workdir / f"votes-{args.rows}{'-valid' if args.valid else '-broken'}.csv"
@@ -56,25 +60,34 @@ def main() -> None:
         t0 = time.perf_counter()
         write_csv(csv, args.rows, broken_at)
         print(f"wrote {csv} ({csv.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s")
-    out = args.workdir / "fit"
+    for via in args.via:
+        measure(via, csv, args.workdir, args.rows, broken_at)
+    if not args.keep:
+        csv.unlink()
+
+
+def measure(via: str, csv: Path, workdir: Path, rows: int, broken_at: int | None) -> None:
+    out = workdir / "fit"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", "from heedful.cli import main; main()",
-           "fit", str(csv), "-o", str(out)]
+    code = ("from heedful.cli import main; main()" if via == "cli" else
+            "import sys\nfrom heedful.errors import InputError\nfrom heedful.votes import read_votes\n"
+            "try:\n    v = read_votes(sys.argv[1]); print(f'read {len(v):,} rows')\n"
+            "except InputError as e:\n    print(f'heedful: error: {e}', file=sys.stderr); sys.exit(2)\n")
+    args = ["fit", str(csv), "-o", str(out)] if via == "cli" else [str(csv)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=args.workdir)
+    p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       cwd=workdir)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("heedful")]
-    left = sorted(str(q.relative_to(args.workdir)) for q in out.rglob("*")) if out.exists() else []
-    print(f"rows: {args.rows:,}; broken row: {broken_at}")
+    left = sorted(str(q.relative_to(workdir)) for q in out.rglob("*")) if out.exists() else []
+    print(f"--- via {via}: rows {rows:,}; broken row: {broken_at}")
     print(f"exit code: {p.returncode}")
-    print(f"message: {lines[0] if lines else '(none)'}")
+    print(f"message: {lines[0] if lines else p.stdout.strip() or '(none)'}")
     print(f"traceback printed: {'Traceback' in p.stderr}")
     print(f"peak RSS: {int(rss.group(1)) / 2**10:,.0f} MiB" if rss else "peak RSS: ?")
     print(f"wall time: {wall:.1f} s")
     print(f"left in the output folder: {left or 'nothing'}")
-    if not args.keep:
-        csv.unlink()
 
 
 if __name__ == "__main__":

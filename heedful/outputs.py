@@ -23,6 +23,7 @@ from heedful.errors import InputError
 
 Writer = Callable[[str], None]
 _HELD = {signal.SIGINT, signal.SIGTERM}
+_UMASK: dict[str, int] = {}
 
 
 def _folder(path: Path) -> None:
@@ -46,8 +47,18 @@ def _stage(path: Path, write: Writer, staged: dict[Path, str]) -> None:
         os.close(fd)
         staged[path] = tmp
     write(tmp)
+    os.chmod(tmp, _file_mode())             # mkstemp makes 0600; outputs get the usual umask-based mode
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _file_mode() -> int:
+    """0666 less the process umask, as open() would create the file."""
+    if "mode" not in _UMASK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _UMASK["mode"] = 0o666 & ~mask
+    return _UMASK["mode"]
 
 
 @contextlib.contextmanager

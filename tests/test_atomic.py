@@ -96,6 +96,14 @@ def test_signal_during_the_renames_is_held_until_both_are_done(tmp_path, monkeyp
     assert (pd.read_parquet(tmp_path / "users.parquet").eta_hat == 0.5).all()
 
 
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_fit(tmp_path, USERS, {"run": 1})
+    for name in ("users.parquet", "params.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_json_and_tables_have_no_nan(tmp_path):
     write_json(tmp_path / "p.json", {"x": float("nan"), "y": [float("inf"), 1.0]})
     assert json.loads((tmp_path / "p.json").read_text()) == {"x": None, "y": [None, 1.0]}
