@@ -20,7 +20,7 @@ from heedful.model.likelihood import RHO_NODE_CAP, QuadraturePlan, bucket_loglik
 from heedful.model.quadrature import gauss_jacobi
 
 X_EDGE = 20.0
-MAX_ELEMENTS = 4_000_000   # grid cells per chunk: bounds memory whatever the number of users
+MAX_ELEMENTS = 500_000     # grid cells per chunk (4 MB: cache-sized): bounds memory whatever the number of users
 STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
 
 

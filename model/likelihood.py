@@ -107,6 +107,32 @@ class _RowSums(torch.autograd.Function):
         return ctx.incidence_t @ grad.contiguous(), None, None
 
 
+class _SumLogMarginal(torch.autograd.Function):
+    """sum_u logsumexp_g((incidence @ table)_ug + logw_g) with a hand-written backward.
+
+    d/d table = incidence^T @ P and d/d logw = sum_u P_u, with P_ug = softmax_g: the same numbers as
+    autograd, without keeping or re-reading the [U, G] intermediates twice.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, logw: torch.Tensor, incidence: torch.Tensor,
+                incidence_t: torch.Tensor) -> torch.Tensor:
+        s = incidence @ table
+        s += logw
+        lse = torch.logsumexp(s, dim=1)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(s.sub_(lse[:, None]).exp_())
+            ctx.incidence_t = incidence_t
+        return lse.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        (p,) = ctx.saved_tensors
+        d_table = (ctx.incidence_t @ p) * grad if ctx.needs_input_grad[0] else None
+        d_logw = p.sum(0) * grad if ctx.needs_input_grad[1] else None
+        return d_table, d_logw, None, None
+
+
 def row_sums(incidence: torch.Tensor, table: torch.Tensor, incidence_t: torch.Tensor | None = None) -> torch.Tensor:
     """sum over each user's patterns of table[pattern]: [U, G] = incidence [U, Q] @ table [Q, G]."""
     if incidence_t is not None and table.requires_grad and torch.is_grad_enabled():
@@ -116,8 +142,10 @@ def row_sums(incidence: torch.Tensor, table: torch.Tensor, incidence_t: torch.Te
 
 def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dtype) -> torch.Tensor:
     """CSR of a 0/1 matrix from (row, col) pairs sorted by row (ties in any order)."""
-    crow = np.zeros(shape[0] + 1, dtype=np.int64)
+    index = np.int32 if len(cols) < 2**31 - 1 and max(shape) < 2**31 - 1 else np.int64   # int32: 1/3 faster
+    crow = np.zeros(shape[0] + 1, dtype=index)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
+    cols = cols.astype(index, copy=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(torch.as_tensor(crow, device=device), torch.as_tensor(cols, device=device),
@@ -265,8 +293,14 @@ def log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: tor
                  rho: torch.Tensor | None = None, rho_prior: RhoPrior = None) -> torch.Tensor:
     """log p(votes, gold | globals) with every eta_u (and rho_u), z_n and t_n integrated out."""
     total = gold_loglik(plan, mu)
-    for _, lm in _bucket_log_marginals(plan, a, b, mu, rho, rho_prior):
-        total = total + lm.sum()
+    for bk in plan.buckets:
+        x, xr, logw = bucket_nodes(a, b, bk.n_nodes, rho_prior, plan.dtype)
+        m = plan.kinds.attentive_prob(mu)[bk.pattern_kind].unsqueeze(1)
+        first = plan.kinds.first[bk.pattern_kind].unsqueeze(1)
+        r = rho if xr is None else xr
+        c = casual_prob(first, r if r is None or r.dim() == 0 else r.unsqueeze(0)).to(x.dtype)
+        table = vote_loglik(x.unsqueeze(0), m, c, bk.count.unsqueeze(1))
+        total = total + _SumLogMarginal.apply(table, logw, bk.incidence, bk.incidence_t)
     return total
 
 
