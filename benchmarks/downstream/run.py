@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="L2 penalty of the head; default per source (l2_sweep.py): " + str(DEFAULT_L2))
     p.add_argument("--eps-max", type=float, default=0.45)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw OUT/downstream.png from OUT/results.csv")
     return p.parse_args(argv)
 
 
@@ -172,7 +173,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sources = list(dict.fromkeys(df.source))
-    fig, axes = plt.subplots(1, len(sources), figsize=(6.5 * len(sources), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.5 * len(sources), 5.2), squeeze=False)
     style = {"heedful": ("C0", "o"), "random": ("C7", "s"), "agreement": ("C1", "^"), "all": ("k", "D"),
              "oracle": ("C2", "*"), "rbt": ("C3", "v"), "cbt": ("C4", "P")}
     for ax, src in zip(axes[0], sources, strict=True):
@@ -192,8 +193,9 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("training votes kept")
         ax.set_ylabel("pairwise accuracy on held-out gold pairs")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best", framealpha=0.6)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -259,6 +261,9 @@ def summary_text(results: pd.DataFrame, diag: pd.DataFrame, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        plot(pd.read_csv(args.out / "results.csv"), args.out / "downstream.png")
+        return 0
     _, _, text = run(args)
     print(text)
     print(f"outputs in {args.out}", file=sys.stderr)
