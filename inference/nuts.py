@@ -2,7 +2,7 @@
 
 Two forms of the same joint posterior p(a, b, mu, rho, eta | votes), chosen by size (``form``):
 
-* **collapsed** (default beyond ``FULL_MAX_USERS`` users): NUTS over the globals only, on the exact
+* **collapsed** (``form="auto"`` picks it beyond ``FULL_MAX_USERS`` users): NUTS over the globals only, on the exact
   marginal likelihood with every eta_u (and z, t) integrated out,
 
       log p(votes | g) = sum_u log int L_u(eta) Beta(eta; a, b) d eta + gold term,
@@ -14,7 +14,10 @@ Two forms of the same joint posterior p(a, b, mu, rho, eta | votes), chosen by s
   the integrand is smooth and decays) with the tails beyond |x| = 20 in closed form (as in
   :mod:`heedful.inference.posterior`); tests hold it to the Gauss-Jacobi marginal.
 * **full**: NUTS over every eta_u and the globals on the count likelihood (z, t summed out), with
-  ``jit_compile=True``. Cost grows with users; use it to check the collapsed form on small data.
+  ``jit_compile=True``. Cost grows with users, and with a learned (a, b) the centred hierarchy has a
+  funnel (a + b against the eta_u of users with few votes) that slows mixing; the collapsed form has
+  neither problem, so "auto" uses the full form only for tiny data (<= 100 users); it stays as the
+  check of the collapsed form (tests hold them to the same posterior).
 
 Priors on the globals (the sampler needs proper ones; the point fits use none):
 
@@ -52,7 +55,7 @@ ETA_MEAN_PRIOR = (1.0, 1.0)              # Beta prior on m = a / (a + b)
 ETA_CONC_PRIOR = (math.log(5.0), 1.5)    # LogNormal prior on k = a + b
 STRENGTH_SD = 3.0                        # Normal(0, sd) on strengths when the config gives none
 X_EDGE = 20.0                            # the logit grid spans [-X_EDGE, X_EDGE]
-FULL_MAX_USERS = 2000                    # "auto" picks the full form up to this many users
+FULL_MAX_USERS = 100                     # "auto" picks the full form up to this many users
 MAX_STORED_VALUES = 20_000_000           # per-user draws kept in the InferenceData (users x chains x draws)
 
 
@@ -347,16 +350,23 @@ def _globals_batched(spec: GlobalSpec, flat: dict[str, torch.Tensor]) -> Globals
     return Globals(a, b, mu, rho)
 
 
-def draw_globals(spec: GlobalSpec, samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """a, b, mu [.., P] and rho from latent draws with leading dims [chains, draws]."""
-    some = next(iter(samples.values()))
-    lead = some.shape[:2]
-    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
-    g = _globals_batched(spec, flat)
-    out = {"a": g.a, "b": g.b, "mu": g.mu}
+def draw_globals(spec: GlobalSpec, samples: dict[str, torch.Tensor], lead: tuple[int, int] | None = None,
+                 dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """a, b, mu [.., P] and rho from latent draws with leading dims [chains, draws] (``lead`` when there are
+    no latent globals: everything known)."""
+    if samples:
+        lead = next(iter(samples.values())).shape[:2]
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
+        g = _globals_batched(spec, flat)
+        out = {"a": g.a, "b": g.b, "mu": g.mu}
+        if g.rho is not None:
+            out["rho"] = g.rho
+        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
+    g = spec.unpack(torch.zeros(0, dtype=dtype))
+    out = {"a": g.a.expand(*lead), "b": g.b.expand(*lead), "mu": g.mu.expand(*lead, spec.n_pairs)}
     if g.rho is not None:
-        out["rho"] = g.rho
-    return {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
+        out["rho"] = g.rho.expand(*lead)
+    return {k: v.clone() for k, v in out.items()}
 
 
 # -- exact conditional draws of eta given the globals --------------------------------------------------
@@ -605,7 +615,7 @@ def fit_nuts(ctx) -> object:
     dev = torch.device("cpu")
     form = opt.get("form", "auto")
     if form == "auto":
-        form = "full" if stats.n_users <= FULL_MAX_USERS else "collapsed"
+        form = "full" if stats.n_users <= FULL_MAX_USERS and spec.n_free else "collapsed"
     cells = user_cells(stats, spec, dev, dt, _kinds_on(plan, dev))
     init = _init_unconstrained(spec, stats, dt)
     t0 = time.perf_counter()
@@ -615,16 +625,19 @@ def fit_nuts(ctx) -> object:
         samples, rec = run_nuts(full_model, (cells, spec), chains=chains, draws=draws, warmup=warmup, seed=seed,
                                 jit=True, init=init, progress=bool(opt.get("progress_bar", False)))
         eta_all = samples.pop("eta")
-        gd = draw_globals(spec, samples)
+        gd = draw_globals(spec, samples, (chains, draws))
         post = draw_summaries(eta_all, ctx.level)
         eta = eta_all[..., stored].float()
     elif form == "collapsed":
         grid = signature_grid(cells)
         pot = CollapsedPotential(grid, spec) if opt.get("potential", "direct") == "direct" else None
-        samples, rec = run_nuts(collapsed_model, (grid, spec), chains=chains, draws=draws, warmup=warmup,
-                                seed=seed, jit=bool(opt.get("jit", False)), init=init,
-                                progress=bool(opt.get("progress_bar", False)), potential_fn=pot)
-        gd = draw_globals(spec, samples)
+        if init:
+            samples, rec = run_nuts(collapsed_model, (grid, spec), chains=chains, draws=draws, warmup=warmup,
+                                    seed=seed, jit=bool(opt.get("jit", False)), init=init,
+                                    progress=bool(opt.get("progress_bar", False)), potential_fn=pot)
+        else:       # every global known: the posterior of each eta_u is exact, nothing to sample
+            samples, rec = {}, _Recorder(chains, draws)
+        gd = draw_globals(spec, samples, (chains, draws))
         eta_all = None
         eta, post = conditional_eta(grid, gd, spec, stored, ctx.level, seed)
     else:

@@ -12,9 +12,10 @@ the user's pick rate.
 
 Convergence rule: the ELBO is averaged over windows of ``window`` steps; the fit stops when the gain
 of one window over the previous is within two standard errors of zero (the optimiser only moves in
-the noise of its own gradient estimate) or ``max_steps`` / ``time_limit`` is reached (then
-``converged`` is false and a warning says so). Adam's learning rate decays from ``lr`` by ``lr_decay``
-over the run (``ClippedAdam``).
+the noise of its own gradient estimate) *and* no global moved by more than ``global_tol`` (unconstrained
+units) over the window. At each such plateau Adam's learning rate drops (``lr`` x 1, 0.2, 0.04: smaller
+steps, less gradient noise in every user's q); the fit has converged at the plateau of the last one.
+It stops early at ``max_steps`` / ``time_limit`` (then ``converged`` is false and a warning says so).
 
 Per-user summaries come from q: the median sigmoid(loc) (``eta_hat``), the central interval
 sigmoid(loc +- z scale), the mean and sd by 32-node Gauss-Hermite.
@@ -34,6 +35,7 @@ from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from scipy import stats as sstats
+from torch.distributions import biject_to
 
 from heedful.inference.globals import GlobalSpec, initial_mu
 from heedful.inference.nuts import (
@@ -47,6 +49,7 @@ from heedful.inference.nuts import (
 )
 from heedful.inference.posterior import UserPosterior
 
+LR_PHASES = (1.0, 0.2, 0.04)   # learning rate multipliers, each used until the ELBO plateaus
 FULL_BATCH_MAX = 2_000_000     # users; more than this and the users plate is subsampled by default
 
 
@@ -114,9 +117,10 @@ def fit_svi(ctx) -> object:
     dt, dev = torch.float64, torch.device("cpu")
     seed = int(opt.get("seed", 0))
     n_draws = int(opt.get("draws", 1000))
-    lr, lr_decay = float(opt.get("lr", 0.05)), float(opt.get("lr_decay", 0.1))
+    lr = float(opt.get("lr", 0.05))
     window, max_steps = int(opt.get("window", 25)), int(opt.get("max_steps", 3000))
     min_steps = int(opt.get("min_steps", 4 * window))
+    global_tol = float(opt.get("global_tol", 0.005))
     time_limit = float(opt.get("time_limit", math.inf))
     U = stats.n_users
     batch = opt.get("batch_size")
@@ -145,14 +149,13 @@ def fit_svi(ctx) -> object:
         auto(cells, spec, batch)
         eta_guide(cells, spec, batch, init_loc=init_loc, init_scale=init_scale)
 
-    steps_hint = max_steps
-    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / steps_hint), "clip_norm": 100.0})
+    optim = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": 100.0})
     svi = SVI(model, guide, optim, Trace_ELBO())
     scale = 1.0 / max(stats.n_votes, 1)
     losses: list[float] = []
     converged, t0 = False, time.perf_counter()
-    prev = None
-    step = 0
+    prev, prev_g = None, None
+    step, phase, phase_start = 0, 0, 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was not registered in the param store.*")
         for step in range(1, max_steps + 1):
@@ -162,12 +165,18 @@ def fit_svi(ctx) -> object:
             if step % window == 0:
                 w = np.asarray(losses[-window:])
                 cur = (w.mean(), w.std(ddof=1) / math.sqrt(window))
-                if prev is not None and step >= min_steps:
+                cur_g = _global_point(auto)
+                if prev is not None and step - phase_start >= (min_steps if phase == 0 else 2 * window):
                     gain = prev[0] - cur[0]                  # loss decrease = ELBO gain
-                    if gain < 2.0 * math.hypot(prev[1], cur[1]):
-                        converged = True
-                        break
-                prev = cur
+                    moved = max((float((cur_g[k] - prev_g[k]).abs().max()) for k in cur_g), default=0.0)
+                    if gain < 2.0 * math.hypot(prev[1], cur[1]) and moved < global_tol:
+                        if phase == len(LR_PHASES) - 1:
+                            converged = True
+                            break
+                        phase, phase_start = phase + 1, step       # plateau: a smaller step, less noise
+                        _set_lr(optim, lr * LR_PHASES[phase])
+                        cur = None
+                prev, prev_g = cur, cur_g
             if time.perf_counter() - t0 > time_limit:
                 break
     svi_s = time.perf_counter() - t0
@@ -187,7 +196,7 @@ def fit_svi(ctx) -> object:
         else:
             point = {kk: v.detach() for kk, v in auto().items()}
             samples = {kk: v.expand(n_draws, *v.shape)[None] for kk, v in point.items()}
-    gd = draw_globals(spec, samples) if samples else _fixed_draws(spec, n_draws, dt)
+    gd = draw_globals(spec, samples, (1, n_draws))
     a_m, b_m = float(gd["a"].mean()), float(gd["b"].mean())
     mu_m = gd["mu"].reshape(-1, spec.n_pairs).mean(0)
     rho_m = float(gd["rho"].mean()) if "rho" in gd else None
@@ -225,12 +234,18 @@ def fit_svi(ctx) -> object:
     return MethodResult(fit=fit, posterior=post, inference_data=idata, diagnostics=diag)
 
 
-def _fixed_draws(spec: GlobalSpec, n: int, dt: torch.dtype) -> dict[str, torch.Tensor]:
-    g = spec.unpack(torch.zeros(0, dtype=dt))
-    out = {"a": g.a.expand(1, n), "b": g.b.expand(1, n), "mu": g.mu.expand(1, n, spec.n_pairs)}
-    if g.rho is not None:
-        out["rho"] = g.rho.expand(1, n)
-    return out
+def _set_lr(optim, lr: float) -> None:
+    for o in optim.optim_objs.values():
+        for group in o.param_groups:
+            group["lr"] = lr
+
+
+def _global_point(auto) -> dict[str, torch.Tensor]:
+    """The globals' current point (AutoDelta) or location (AutoNormal), unconstrained."""
+    with torch.no_grad():
+        return {k: biject_to(auto._prototype_trace.nodes[k]["fn"].support).inv(v).detach().clone()
+                for k, v in auto.median().items()} if hasattr(auto, "_prototype_trace") and \
+            auto._prototype_trace is not None else {}
 
 
 def logit_normal_summaries(loc: torch.Tensor, scale: torch.Tensor, level: float, nodes: int = 32) -> UserPosterior:
