@@ -29,14 +29,14 @@ from heedful.model.priors import ALLOWED, parse_distribution
 from heedful.votes import validate_votes
 
 MODELS = ["gpt-4", "llama-13b", "claude-2", "mistral-7b"]
-FIT_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+FIT_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @st.composite
 def vote_tables(draw) -> pd.DataFrame:
-    """1-6 users, 1-40 votes over 1-4 models' pairs (both orders), ties included, at least one non-tie."""
-    n = draw(st.integers(1, 40))
+    """1-6 users, 1-30 votes over 1-4 models' pairs (both orders), ties included, at least one non-tie."""
+    n = draw(st.integers(1, 30))
     k = draw(st.integers(2, 4))
     rows = draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, k - 1), st.integers(1, k - 1),
                                    st.sampled_from(["a", "b", "tie", "A", " b "])), min_size=n, max_size=n))

@@ -145,8 +145,11 @@ CASES: list[Case] = [
     Case("unknown-format", "a `.xlsx` file", {"votes.xlsx": "x"}, ("fit", "votes.xlsx", "-o", "out"),
          "heedful: error: votes.xlsx: cannot tell the format from the name; use .csv, .tsv, .parquet or .jsonl"),
     Case("no-such-file", "a votes path that does not exist", {}, FIT, "heedful: error: votes.csv: no such file"),
-    Case("folder-as-votes", "a folder given as the votes file", {"votes.csv/x": ""}, FIT,
-         "heedful: error: votes.csv: is a folder, not a vote file"),
+    Case("folder-without-votes", "a folder holding no vote files", {"logs/notes.txt": "x"},
+         ("fit", "logs", "-o", "out"),
+         "heedful: error: logs: the folder holds no .parquet, .csv, .tsv or .jsonl files"),
+    Case("glob-matches-nothing", "a quoted glob that matches no file", {"votes.csv": GOOD},
+         ("fit", "logs/*.parquet", "-o", "out"), "heedful: error: logs/*.parquet: no file matches this pattern"),
     # --- config ---------------------------------------------------------------------------------------
     Case("config-unknown-distribution", "`eta = \"Dirichlet(1, 1)\"`",
          _config('[population]\neta = "Dirichlet(1, 1)"\n'), CFG,
