@@ -41,7 +41,6 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm's notebook probe, via pyro
 warnings.filterwarnings("ignore", category=FutureWarning)            # arviz 0.x's notices about 1.x
 warnings.filterwarnings("ignore", message="All-NaN")                  # r_hat of a single-chain method is NaN
-logging.getLogger("arviz").setLevel(logging.ERROR)                   # "shape validation" for one-chain SVI draws
 
 import heedful  # noqa: F401  (import before torch: sets OpenMP's passive wait policy)
 import arviz as az
@@ -53,6 +52,8 @@ from heedful.config import Priors
 from heedful.errors import InputError
 from heedful.inference import Attentiveness
 from heedful.simulate import simulate
+
+logging.getLogger("arviz").setLevel(logging.ERROR)   # arviz (set on import): "shape validation" of 1-chain SVI draws
 
 SMALL = os.environ.get("HEEDFUL_NB_SMALL", "0") == "1"
 USERS, VOTES = (300, 15) if SMALL else (2000, 20)
