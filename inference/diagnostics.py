@@ -16,6 +16,7 @@ enumerated sites, and ``from_dict`` works the same on ArviZ 1.x.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -146,6 +147,8 @@ def build_inference_data(stats: VoteStats, spec: GlobalSpec, cells, samples: dic
     prior = prior_draws(spec, 1000, seed)
     if prior:
         kwargs["prior"] = prior
+    log = logging.getLogger("arviz")
+    level, log.level = log.level, logging.ERROR       # one chain (svi) is not a shape problem
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         idata = az.from_dict(
@@ -155,6 +158,7 @@ def build_inference_data(stats: VoteStats, spec: GlobalSpec, cells, samples: dic
             log_likelihood={"votes": pr["log_lik"]},
             posterior_predictive={"n_favoured": pr["rep_favoured"], "choice_rate": pr["rep_rate"]},
             coords=coords, dims=dims, **kwargs)
+    log.setLevel(level)
     idata.posterior.attrs.update({"method": method, "heedful_favoured_side": "canonical model_a where the "
                                   "posterior mean of mu >= 0.5", "mu_source": ",".join(spec.mu_source)})
     idata.posterior.attrs["mu_prior_alpha"] = list(map(float, spec.mu_alpha))

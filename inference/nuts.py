@@ -493,6 +493,9 @@ def attentive_probability(cells: UserCells, eta: torch.Tensor, draws: dict[str, 
     pick = k.pick_a[cells.kind].to(cells.count.dtype)
     gold_k = k.gold[cells.kind]
     gold = torch.where(gold_k == 1, pick, torch.where(gold_k == 2, 1 - pick, -torch.ones_like(pick)))
+    # vote_model's order code: 1 canonical model_a shown first, 2 model_b first (kinds say: picked first / second)
+    kf = k.first[cells.kind]
+    first = torch.where(kf == 0, 0, torch.where((kf == 1) == k.pick_a[cells.kind], 1, 2))
     n_pairs = int(draws["mu"].shape[-1])
     pyro.set_rng_seed(seed)
     total = torch.zeros(cells.user.shape[0], dtype=cells.count.dtype)
@@ -504,7 +507,7 @@ def attentive_probability(cells: UserCells, eta: torch.Tensor, draws: dict[str, 
         tr = poutine.trace(sampler).get_trace(
             cells.user, k.pair[cells.kind], pick, n_users=cells.n_users, n_pairs=n_pairs,
             a=flat["a"][i], b=flat["b"][i], mu_alpha=torch.ones(n_pairs, dtype=pick.dtype),
-            mu_beta=torch.ones(n_pairs, dtype=pick.dtype), first=k.first[cells.kind],
+            mu_beta=torch.ones(n_pairs, dtype=pick.dtype), first=first,
             gold=gold if bool((gold >= 0).any()) else None, rho=rho)
         total += tr.nodes["z"]["value"].reshape(-1)
     return total / len(idx)
