@@ -156,14 +156,27 @@ def write_table(path: str | Path, frame: pd.DataFrame) -> None:
     _atomic(path, _table_writer(path, frame))
 
 
+def check_output_folder(outdir: str | Path) -> Path:
+    """Fail early (before a long fit) when ``outdir`` cannot be an output folder; creates nothing."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: is a file; -o/--output names the output folder")
+    for p in outdir.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"{outdir}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise InputError(f"{outdir}: cannot create it, {p} is not writable")
+            break
+    return outdir
+
+
 def write_fit(outdir: str | Path, users: pd.DataFrame, params: dict, *, inference_data=None) -> None:
     """users.parquet and params.json (and posterior.nc when ``inference_data`` is given), all or nothing.
 
     Every file is staged first; params.json is renamed last, so its presence marks a finished fit.
     """
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"{outdir}: is a file; -o/--output names the output folder")
+    outdir = check_output_folder(outdir)
     files: dict[Path, Writer] = {}
     if inference_data is not None:
         files[outdir / "posterior.nc"] = lambda tmp: inference_data.to_netcdf(tmp)

@@ -214,3 +214,16 @@ def test_sampling_methods_repeat_with_the_same_seed(method, tmp_path, capsys, mo
         runs.append(_files(out))
     assert runs[0]["users.parquet"] == runs[1]["users.parquet"]
     assert _without_time(runs[0]["params.json"]) == _without_time(runs[1]["params.json"])
+
+
+def test_check_output_folder_fails_early_and_creates_nothing(tmp_path):
+    from heedful.errors import InputError
+    from heedful.outputs import check_output_folder
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file; -o/--output names the output folder"):
+        check_output_folder(tmp_path / "file")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_output_folder(tmp_path / "file" / "out")
+    assert check_output_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
