@@ -87,23 +87,25 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
     def pair_sum(per_kind: torch.Tensor) -> torch.Tensor:
         return torch.zeros(P, dtype=dt, device=dev).index_add_(0, kinds.pair, per_kind)
 
-    def probs(mu: torch.Tensor, rho: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """m and c per cell (m from a per-kind table; c per kind, or per cell with a per-user rho)."""
-        m = kinds.attentive_prob(mu)[kind]
-        c = casual_prob(first, rho[cu]).to(dt) if spec.rho_user else casual_prob(kinds.first, rho).to(dt)[kind]
-        return m, c
+    # per-cell work buffers, reused every iteration (no fresh pages for ~6 arrays of C doubles per step)
+    C = cu.shape[0]
+    b_m, b_c, b_e, b_q, b_t = (torch.empty(C, dtype=dt, device=dev) for _ in range(5))
 
     def objective(eta: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor | None) -> tuple[float, tuple]:
-        """em_objective, keeping e = eta[cu], m, c and q = c + e (m - c) for the next E-step."""
-        m, c = probs(mu, rho)
-        e = eta[cu]
-        q = c + e * (m - c)
+        """em_objective, keeping e = eta[cu], m, c and q = c + e (m - c) for the next E-step (same operations)."""
+        torch.index_select(kinds.attentive_prob(mu), 0, kind, out=b_m)
+        if spec.rho_user:
+            b_c.copy_(casual_prob(first, rho[cu]).to(dt))
+        else:
+            torch.index_select(casual_prob(kinds.first, rho).to(dt), 0, kind, out=b_c)
+        torch.index_select(eta, 0, cu, out=b_e)
+        torch.sub(b_m, b_c, out=b_q).mul_(b_e).add_(b_c)
         g = Globals(at, bt, mu, rho, rho_prior)
         lp = (torch.xlogy(g.a - 1.0, eta) + torch.xlogy(g.b - 1.0, 1 - eta)).sum()
         if spec.rho_user:
             lp = lp + (torch.xlogy(rho_prior[0] - 1.0, rho) + torch.xlogy(rho_prior[1] - 1.0, 1 - rho)).sum()
-        ll = torch.xlogy(cnt, q).sum() + gold_loglik(plan, mu)
-        return float(ll + lp + spec.log_prior(torch.zeros(0, dtype=dt), g._replace(rho=None))), (e, m, c, q)
+        ll = torch.xlogy(cnt, b_q, out=b_t).sum() + gold_loglik(plan, mu)
+        return float(ll + lp + spec.log_prior(torch.zeros(0, dtype=dt), g._replace(rho=None))), (b_e, b_m, b_c, b_q)
 
     prev, state = objective(eta, mu, rho)
     if trace is not None:
@@ -111,8 +113,12 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
     converged, it, obj = False, 0, prev
     for it in range(1, max_iter + 1):
         e, m, c, q = state
-        r = e * m / q
-        att = cnt * r
+        r = torch.mul(e, m, out=b_t).div_(q)
+        if spec.learn_rho or spec.rho_user:
+            r = r.clone()
+            att = cnt * r
+        else:
+            att = r.mul_(cnt)
         s_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, att)
         denom = n_user + a + b - 2
         eta = torch.where(denom > 0, (s_user + a - 1) / denom.clamp_min(1e-300),
