@@ -442,7 +442,11 @@ def _report_warnings(users: pd.DataFrame, params: dict) -> list[str]:
     """The fit's warnings plus what the report itself notices."""
     out = [str(w) for w in params.get("warnings") or []]
     if params.get("converged") is False:
-        out.append("the fit did not converge: the estimates below are where the optimiser stopped")
+        if params.get("method") in ("svi", "nuts"):
+            out.append(f"the {params['method']} fit did not pass its checks (see the warnings above and the sampler "
+                       "diagnostics): treat its estimates and intervals with care")
+        else:
+            out.append("the fit did not converge: the estimates below are where the optimiser stopped")
     few = int((users.n_votes < 5).sum())
     if few and few >= 0.2 * len(users):
         out.append(f"{few:,} of {len(users):,} users have fewer than 5 votes: their intervals are wide and their "
@@ -483,16 +487,35 @@ def _eta_quantiles(users: pd.DataFrame) -> str:
 
 
 def _diagnostics(params: dict) -> str:
+    """Sampler diagnostics: a table of the globals (az.summary columns), the users' worst cases, the rest."""
     d = params.get("diagnostics")
     if not d:
         return ""
-    rows = []
+    parts = ["<h2 id='diagnostics'>Sampler diagnostics</h2>",
+             f"<p class='sub'>r_hat above {1.01} means the chains disagree; effective sample sizes (ess) below a "
+             "few hundred mean too few independent draws; divergences mean the sampler may have missed part of the "
+             "posterior.</p>"]
+    glob = d.get("globals")
+    if isinstance(glob, dict) and glob:
+        cols = [c for c in ("mean", "sd", "hdi_5%", "hdi_95%", "r_hat", "ess_bulk", "ess_tail", "mcse_mean")
+                if any(isinstance(v, dict) and c in v for v in glob.values())]
+        rows = [[name, *[_num(v.get(c)) if isinstance(v, dict) else None for c in cols]] for name, v in glob.items()]
+        parts.append(_table(["parameter", *cols], rows, digits=3))
+    users = d.get("users")
+    if isinstance(users, dict) and users:
+        rows = [[k.replace("_", " "), ", ".join(map(str, v)) if isinstance(v, list) else v] for k, v in users.items()]
+        parts.append("<h3>users' eta</h3>" + _table(["", "value"], rows, digits=3))
+    rest = []
     for k, v in d.items():
+        if k in ("globals", "users", "warnings"):
+            continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
-            v = v if len(v) <= 300 else v[:297] + "..."
-        rows.append([k, v])
-    return "<h2 id='diagnostics'>Sampler diagnostics</h2>" + _table(["diagnostic", "value"], rows, digits=4)
+            v = v if len(v) <= 200 else v[:197] + "..."
+        rest.append([k.replace("_", " "), v])
+    if rest:
+        parts.append("<h3>run</h3>" + _table(["", "value"], rest, digits=4))
+    return "\n".join(parts)
 
 
 def build_report(outdir: str | Path, *, title: str | None = None, with_plots_module: bool = True) -> Report:
@@ -521,7 +544,8 @@ def build_report(outdir: str | Path, *, title: str | None = None, with_plots_mod
     notes_html = ("<p class='sub'>" + "<br>".join(_e(n) for n in notes) + "</p>") if notes else ""
     nav = " ".join(f"<a href='#{k}'>{t}</a>" for k, t in (
         ("summary", "Summary"), ("warnings", "Warnings"), ("pairs", "Pairs (mu)"), ("eta", "eta over users"),
-        ("users", "Users"), ("figures", "Figures")))
+        ("users", "Users"), *((("diagnostics", "Sampler diagnostics"),) if params.get("diagnostics") else ()),
+        ("figures", "Figures")))
     body = f"""<main>
 <h1>{_e(title)}</h1>
 <div class="sub">from <code>{_e(outdir)}</code> &middot; generated {now} &middot; {len(figures)} figures</div>

@@ -132,3 +132,18 @@ def test_report_draws_profiles_and_posterior_figures(tmp_path: Path) -> None:
     keys = {f.key for f in rep.figures}
     assert {"profiles", "trace", "ppc"} <= keys
     assert len(_images(rep.html)) == len(rep.figures)
+
+
+def test_report_sampler_diagnostics_table(tmp_path: Path, fit_dir: Path) -> None:
+    """A sampling fit's diagnostics (params.json) become a table per global, not a JSON dump."""
+    params = json.loads((fit_dir / "params.json").read_text())
+    params.update(method="nuts", converged=False, diagnostics={
+        "globals": {"a": {"mean": 3.1, "sd": 0.4, "r_hat": 1.002, "ess_bulk": 812.0, "ess_tail": 640.0}},
+        "users": {"n_summarised": 300, "max_r_hat": 1.004, "worst_r_hat": ["eta[u1]", "eta[u2]"]},
+        "divergences": 0, "warnings": ["r_hat > 1.01 for a"], "chains": 4})
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    (tmp_path / "users.parquet").write_bytes((fit_dir / "users.parquet").read_bytes())
+    rep = build_report(tmp_path)
+    assert "<th>r_hat</th>" in rep.html and "<td>a</td>" in rep.html and "1.002" in rep.html
+    assert "eta[u1], eta[u2]" in rep.html and "href='#diagnostics'" in rep.html
+    assert any("nuts fit did not pass its checks" in w for w in rep.warnings)
