@@ -6,10 +6,13 @@ opened offline. Sections: the fit summary, warnings, the eta prior, per-pair mu 
 distribution of eta over users, the most and least attentive users, sampler diagnostics when the fit
 has them, and the figures.
 
-Figures come from :mod:`heedful.plots` when it is installed and the fit wrote ``posterior.nc`` (trace /
-rank, forest, mu posterior against its prior, posterior predictive check); the report's own figures
-(mu per pair, eta distribution with the fitted prior, per-user intervals against votes) are always
-drawn from the two files every fit writes.
+The report's own figures (mu per pair, eta over users with the fitted prior, per-user intervals
+against votes, the profile likelihood of mu and generator strengths when present) are drawn from the
+two files every fit writes. :func:`heedful.plots.plot_fit` adds its figures when that module is
+installed: the most and least attentive users, and with ``posterior.nc`` (svi/nuts) trace, rank, mu
+posterior against its prior and the posterior predictive check; with a simulation's truth file, the
+reliability plot. Without it, the report draws its own trace and predictive check from
+``posterior.nc``.
 
 >>> from heedful.report import build_report
 >>> rep = build_report("fit-out")
@@ -24,7 +27,6 @@ import html
 import io
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,26 +332,47 @@ def _own_figures(users: pd.DataFrame, params: dict) -> list[Figure]:
     return figs
 
 
-def _plots_figures(outdir: Path) -> tuple[list[Figure], list[str]]:
-    """Figures from :mod:`heedful.plots` (posterior diagnostics), when the module and posterior.nc are there."""
+PLOTS_CAPTIONS = {  # heedful.plots' PNG names -> (title, caption)
+    "forest_eta": ("most and least attentive users", "The most and the least attentive users by posterior mean of "
+                   "eta, with their intervals and vote counts (drawn by heedful.plots)."),
+    "trace": ("trace of the globals", "Trace plots of the sampled global parameters: each chain's draws and its "
+              "marginal density. Overlapping, stationary chains have mixed."),
+    "rank": ("rank plots of the globals", "Rank plots: the histogram of each chain's ranks among all draws. Flat "
+             "bars mean the chains sample the same distribution."),
+    "mu_prior_posterior": ("mu: posterior against prior", "Each pair's posterior draws of mu against its prior: "
+                           "how much the votes moved mu away from what was assumed."),
+    "ppc_choice_rate": ("posterior predictive check", "Observed per-user rates of picking the answer mu favours "
+                        "against the 5-95% band of replicated data. A model that misses the population's shape "
+                        "shows it here."),
+    "reliability": ("reliability against the truth", "Left: the true eta against the posterior mean (decile "
+                    "means). Right: the share of users whose true eta lies inside the central interval, against "
+                    "the interval's level (simulated data only)."),
+}
+
+
+def _plots_figures(outdir: Path, truth: str | Path | None = None) -> tuple[list[Figure], list[str]]:
+    """The PNGs of :func:`heedful.plots.plot_fit` (forest, and with posterior.nc: trace, rank, mu, PPC;
+    with a truth file: reliability), when that module is installed."""
+    import tempfile
+
     try:
-        import heedful.plots as plots  # noqa: F401  (optional module)
+        from heedful.plots import plot_fit
     except ImportError:
-        return [], []
-    make: Callable | None = getattr(plots, "report_figures", None)
-    if make is None:
-        return [], []
+        return [], ["the truth file needs heedful.plots (its reliability figure), which this installation lacks"
+                    ] if truth is not None else []
     figs: list[Figure] = []
-    notes: list[str] = []
-    try:
-        produced = make(outdir)
-    except Exception as e:  # a broken optional figure must not lose the whole report
-        return [], [f"heedful.plots could not draw its figures: {type(e).__name__}: {e}"]
-    for i, item in enumerate(produced or []):
-        key, title, fig = item[0], item[1], item[2]
-        caption = item[3] if len(item) > 3 else ""
-        figs.append(Figure(f"plots-{i}-{key}", title, caption, png_bytes(fig), source="heedful.plots"))
-    return figs, notes
+    with tempfile.TemporaryDirectory(prefix="heedful-report-") as tmp:
+        try:
+            paths = plot_fit(outdir, truth=truth, dest=tmp)
+        except InputError:
+            raise
+        except Exception as e:  # a broken optional figure must not lose the whole report
+            return [], [f"heedful.plots could not draw its figures: {type(e).__name__}: {e}"]
+        for p in paths:
+            p = Path(p)
+            title, caption = PLOTS_CAPTIONS.get(p.stem, (p.stem.replace("_", " "), ""))
+            figs.append(Figure(f"plots-{p.stem}", title, caption, p.read_bytes(), source="heedful.plots"))
+    return figs, []
 
 
 # -- HTML ----------------------------------------------------------------------------------------------
@@ -518,15 +541,21 @@ def _diagnostics(params: dict) -> str:
     return "\n".join(parts)
 
 
-def build_report(outdir: str | Path, *, title: str | None = None, with_plots_module: bool = True) -> Report:
-    """Read a fit's outputs and lay out the page (see the module docstring); nothing is written."""
+def build_report(outdir: str | Path, *, title: str | None = None, truth: str | Path | None = None,
+                 with_plots_module: bool = True) -> Report:
+    """Read a fit's outputs and lay out the page (see the module docstring); nothing is written.
+
+    ``truth``: a simulation's truth file (``heedful simulate`` writes ``*.truth.parquet``) adds the
+    reliability figure of :mod:`heedful.plots`. ``with_plots_module=False`` uses the report's own
+    figures only.
+    """
     outdir = Path(outdir)
     users, params = load_outputs(outdir)
     warnings = _report_warnings(users, params)
     figures = _own_figures(users, params)
     notes: list[str] = []
     if with_plots_module:
-        extra, notes = _plots_figures(outdir)
+        extra, notes = _plots_figures(outdir, truth)
         figures += extra
     if not any(f.source == "heedful.plots" for f in figures):
         extra, more = _posterior_figures(outdir)
@@ -577,9 +606,10 @@ interval, and of the votes per user.</p>
     return Report(html=page, figures=figures, warnings=warnings, params=params, notes=notes)
 
 
-def write_report(outdir: str | Path, output: str | Path | None = None, *, title: str | None = None) -> Report:
+def write_report(outdir: str | Path, output: str | Path | None = None, *, title: str | None = None,
+                 truth: str | Path | None = None) -> Report:
     """Build the report of ``outdir`` and write it to ``output`` (default ``OUTDIR/report.html``)."""
-    rep = build_report(outdir, title=title)
+    rep = build_report(outdir, title=title, truth=truth)
     rep.write(Path(output) if output is not None else Path(outdir) / "report.html")
     return rep
 

@@ -147,3 +147,16 @@ def test_report_sampler_diagnostics_table(tmp_path: Path, fit_dir: Path) -> None
     assert "<th>r_hat</th>" in rep.html and "<td>a</td>" in rep.html and "1.002" in rep.html
     assert "eta[u1], eta[u2]" in rep.html and "href='#diagnostics'" in rep.html
     assert any("nuts fit did not pass its checks" in w for w in rep.warnings)
+
+
+def test_report_embeds_heedful_plots_figures(fit_dir: Path, tmp_path: Path) -> None:
+    """With heedful.plots installed, its PNGs (forest; reliability with a truth file) are embedded too."""
+    pytest.importorskip("heedful.plots")
+    users = pd.read_parquet(fit_dir / "users.parquet")
+    truth = tmp_path / "truth.parquet"
+    pd.DataFrame({"user_id": users.user_id, "true_eta": users.eta_mean}).to_parquet(truth)
+    rep = build_report(fit_dir, truth=truth)
+    from_plots = {f.key for f in rep.figures if f.source == "heedful.plots"}
+    assert {"plots-forest_eta", "plots-reliability"} <= from_plots
+    assert len(_images(rep.html)) == len(rep.figures)
+    assert all(f.png.startswith(PNG_MAGIC) for f in rep.figures)

@@ -17,13 +17,16 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option("-o", "--output", help="HTML file (default: OUTDIR/report.html).")
         ] = None,
         title: Annotated[str | None, typer.Option("--title", help="Title of the page.")] = None,
+        truth: Annotated[
+            Path | None, typer.Option("--truth", help="A simulation's truth file: adds the reliability figure.")
+        ] = None,
     ) -> None:
         """Write an offline HTML report: summary, warnings, per-pair mu, eta over users, embedded figures."""
         from heedful.report import write_report
 
         out = Console()
         path = output if output is not None else outdir / "report.html"
-        rep = write_report(outdir, path, title=title)
+        rep = write_report(outdir, path, title=title, truth=truth)
         size = path.stat().st_size
         out.print(f"[bold]heedful report[/bold]: wrote {path} ({size / 1024:,.0f} KiB, self-contained, "
                   f"{len(rep.figures)} figures, {len(rep.warnings)} warnings)", highlight=False)
