@@ -68,14 +68,14 @@ NOISYBT = r"""
 import json, sys, time
 import pandas as pd
 import pyarrow.parquet as pq
-from crowdkit.aggregation import NoisyBT
+from crowdkit.aggregation import NoisyBradleyTerry
 v = pq.read_table(sys.argv[1], columns=["user_id", "model_a", "model_b", "choice"])
 v = v.slice(0, int(sys.argv[2])).to_pandas()
 v = v[v.choice != "tie"]
 data = pd.DataFrame({"worker": v.user_id, "left": v.model_a, "right": v.model_b,
                      "label": v.model_a.where(v.choice == "a", v.model_b)})
 t = time.perf_counter()
-NoisyBT(n_iter=100, random_state=0).fit(data)
+NoisyBradleyTerry(random_state=0).fit(data)
 print(json.dumps({"inner_s": time.perf_counter() - t, "rows": len(data)}))
 """
 
@@ -114,7 +114,7 @@ def load() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=["1m", "10m"], choices=list(SIZES))
+    p.add_argument("--sizes", nargs="*", default=["1m", "10m"], choices=list(SIZES))
     p.add_argument("--methods", nargs="+", default=["em", "marginal"])
     p.add_argument("--data", type=Path, default=Path("/tmp/heedful-bench"))
     p.add_argument("--crowdkit-python", default=None, help="a Python with crowd-kit installed (skipped if none)")
@@ -166,14 +166,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# {method}: {e}", file=sys.stderr)
     if args.crowdkit_python:
         path = data_file(args.data, "1m")
-        record("peer: crowd-kit NoisyBT (100 iterations)", f"{args.peer_votes // 1000}k",
+        record("peer: crowd-kit NoisyBradleyTerry (defaults)", f"{args.peer_votes // 1000}k",
                run([args.crowdkit_python, "-c", NOISYBT, str(path), str(args.peer_votes)]))
     print("\n| what | votes | wall s | peak RSS MiB | votes/s | floor s | ratio | load |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fl, ra = r.get("floor_s"), r.get("ratio")
+        fl, ra, rss = r.get("floor_s"), r.get("ratio"), r.get("rss_mib", float("nan"))
         print(f"| {r['name']} | {r['size']} | {r['wall_s']:.2f}"
-              f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {r['rss_mib']:.0f} | "
+              f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {rss:.0f} | "
               f"{r.get('votes_per_s', float('nan')):,.0f} | {'' if fl is None else format(fl, '.2f')} | "
               f"{'' if ra is None else format(ra, '.1f')} | {r['load']} |")
     if args.json:
