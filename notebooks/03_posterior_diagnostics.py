@@ -198,3 +198,32 @@ if idata is not None and "posterior_predictive" in idata.groups():
     az.plot_ppc(idata, var_names=["choice_rate"], num_pp_samples=100, figsize=(8, 4))
     plt.xlabel("per-user rate of picking the favoured model")
     plt.show()
+
+# %% [markdown]
+# ## 4. The same figures from the command line
+#
+# `heedful fit --method nuts` writes `posterior.nc` beside `users.parquet` and `params.json`;
+# `heedful plot OUTDIR` writes these diagnostics as PNGs, and `heedful report OUTDIR` puts them, the
+# summary tables and the sampler diagnostics into one offline HTML page. Here we save the NUTS fit
+# from above the way `heedful fit` does and build its report.
+
+# %%
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from heedful.outputs import write_fit, write_inference_data
+
+if idata is not None:
+    out = Path(os.environ.get("HEEDFUL_NB_OUT") or tempfile.mkdtemp(prefix="heedful-nb03-")) / "fit-sampled"
+    model = fits[sampled[0]]
+    write_inference_data(out / "posterior.nc", model.inference_data_)
+    write_fit(out, model.users_, model.params())
+    truth_path = out.parent / "truth.parquet"
+    truth.to_parquet(truth_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}
+    run = subprocess.run([str(Path(sys.executable).with_name("heedful")), "report", str(out), "--truth", str(truth_path)],
+                         capture_output=True, text=True, check=True,
+                         env=env | {"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "110"})
+    print(run.stdout.replace(str(out.parent), "$OUT"))
