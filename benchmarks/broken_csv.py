@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_csv(path: Path, rows: int, broken_at: int | None, chunk: int = 1_000_000) -> None:
-    """ROWS vote rows; data row ``broken_at`` (counted from 1, header excluded) gets a fifth field."""
+def write_csv(path: Path, rows: int, broken_at: int | None, chunk: int = 1_000_000, fault: str = "field") -> None:
+    """ROWS vote rows; data row ``broken_at`` (counted from 1, header excluded) gets a sixth field
+    (``fault="field"``) or the choice ``sideways`` (``fault="choice"``)."""
     rng = np.random.default_rng(0)
     models = np.array(["gpt-4", "llama-13b", "claude-2", "mistral-7b"])
     with open(path, "w", encoding="utf-8") as f:
@@ -38,7 +39,12 @@ def write_csv(path: Path, rows: int, broken_at: int | None, chunk: int = 1_000_0
             vid = np.char.add("v", np.arange(start + 1, start + n + 1).astype(str))
             lines = [",".join(t) for t in zip(user, models[ia], models[ib], choice, vid, strict=True)]
             if broken_at is not None and start < broken_at <= start + n:
-                lines[broken_at - start - 1] += ",stray"
+                i = broken_at - start - 1
+                if fault == "field":
+                    lines[i] += ",stray"
+                else:
+                    parts = lines[i].split(",")
+                    lines[i] = ",".join([*parts[:3], "sideways", parts[4]])
             f.write("\n".join(lines))
             f.write("\n")
 
@@ -48,6 +54,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/heedful-bench"))
     ap.add_argument("--valid", action="store_true", help="no broken row")
+    ap.add_argument("--fault", choices=["field", "choice"], default="field",
+                    help="an extra field (a parse error) or a bad choice value (a validation error)")
     ap.add_argument("--keep", action="store_true", help="keep the CSV for another run")
     ap.add_argument("--via", choices=["cli", "read_votes"], action="append",
                     help="what to run (repeatable; default both)")
@@ -55,10 +63,11 @@ def main() -> None:
     args.via = args.via or ["cli", "read_votes"]
     args.workdir.mkdir(parents=True, exist_ok=True)
     broken_at = None if args.valid else args.rows // 2
-    csv = args.workdir / f"votes-{args.rows}{'-valid' if args.valid else '-broken'}.csv"
+    kind = "valid" if args.valid else ("broken" if args.fault == "field" else "badchoice")
+    csv = args.workdir / f"votes-{args.rows}-{kind}.csv"
     if not csv.exists():
         t0 = time.perf_counter()
-        write_csv(csv, args.rows, broken_at)
+        write_csv(csv, args.rows, broken_at, fault=args.fault)
         print(f"wrote {csv} ({csv.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s")
     for via in args.via:
         measure(via, csv, args.workdir, args.rows, broken_at)

@@ -13,9 +13,11 @@ column, which keeps a 10M-row table to a few seconds.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import difflib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +64,18 @@ def _first_bad_utf8(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def _read_csv(path: Path, sep: str, block_size: int | None = None) -> pd.DataFrame:
-    """Stream a delimited file in blocks, every column as text; stop at the first malformed row."""
+def _csv_batches(path: Path, sep: str, block_size: int | None = None) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """The header and a stream of blocks of a delimited file, every column as text.
+
+    The stream stops at the first malformed row with an InputError naming it (rows counted from 1
+    across blocks: pyarrow numbers rows when it parses on one thread).
+    """
     bad: dict[str, int] = {}
 
     def on_bad_row(row) -> str:
         bad.update(number=row.number or 0, expected=row.expected_columns, actual=row.actual_columns)
         return "error"
 
-    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_bad_row)
     with pa.input_stream(str(path), compression="detect") as f:      # header first: every column is text
         names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16),
                                parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True,
@@ -78,21 +83,28 @@ def _read_csv(path: Path, sep: str, block_size: int | None = None) -> pd.DataFra
                                ).schema.names
     convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), null_values=[""],
                                    strings_can_be_null=True, quoted_strings_can_be_null=False)
-    batches = []
-    with pa.input_stream(str(path), compression="detect") as f:
-        try:
-            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(use_threads=False,
-                                                                        block_size=block_size or BLOCK_SIZE),
-                                    parse_options=parse, convert_options=convert)
-            batches.extend(reader)
-        except pa.ArrowInvalid:
-            if not bad:
-                raise
-            row, n, want = bad["number"] - 1, bad["actual"], bad["expected"]
-            hint = "an unclosed quote?" if n < want else "a stray delimiter or an unquoted value?"
-            raise InputError(f"{path}: row {row} has {n} field(s), the header has {want} ({hint})") from None
-        schema = reader.schema
-    return pa.Table.from_batches(batches, schema=schema).to_pandas()
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_bad_row)
+    read = pacsv.ReadOptions(use_threads=False, block_size=block_size or BLOCK_SIZE)
+
+    def stream() -> Iterator[pa.RecordBatch]:
+        with pa.input_stream(str(path), compression="detect") as f:
+            try:
+                yield from pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert)
+            except pa.ArrowInvalid:
+                if not bad:
+                    raise
+                row, n, want = bad["number"] - 1, bad["actual"], bad["expected"]
+                hint = "an unclosed quote?" if n < want else "a stray delimiter or an unquoted value?"
+                raise InputError(f"{path}: row {row} has {n} field(s), the header has {want} ({hint})") from None
+
+    return names, stream()
+
+
+def _read_csv(path: Path, sep: str, block_size: int | None = None) -> pd.DataFrame:
+    """A whole delimited file as text columns (streamed in blocks; stops at the first malformed row)."""
+    names, stream = _csv_batches(path, sep, block_size)
+    schema = pa.schema([(n, pa.string()) for n in names])
+    return pa.Table.from_batches(list(stream), schema=schema).to_pandas()
 
 
 def _first_bad_json_line(path: Path) -> str:
@@ -110,8 +122,8 @@ def _first_bad_json_line(path: Path) -> str:
     return ""
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV/TSV, Parquet or JSON-lines file into a frame, turning parser failures into InputError."""
+def _checked(path: str | Path) -> tuple[Path, str]:
+    """The path and its format, after the checks every reader makes (exists, a file, known suffix, not empty)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -120,12 +132,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
     fmt = _format_of(path)
     if fmt != "parquet" and path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty")
+    return path, fmt
+
+
+@contextlib.contextmanager
+def _reading(path: Path, fmt: str) -> Iterator[None]:
+    """Turn the parsers' failures into one-line InputErrors that say where the file is broken."""
     try:
-        if fmt in ("csv", "tsv"):
-            return _read_csv(path, "," if fmt == "csv" else "\t")
-        if fmt == "parquet":
-            return pd.read_parquet(path)
-        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+        yield
     except InputError:
         raise
     except UnicodeDecodeError as e:
@@ -150,6 +164,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: cannot read: {e}") from e
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV/TSV, Parquet or JSON-lines file into a frame, turning parser failures into InputError."""
+    path, fmt = _checked(path)
+    with _reading(path, fmt):
+        if fmt in ("csv", "tsv"):
+            return _read_csv(path, "," if fmt == "csv" else "\t")
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+
+
 # -- validation ---------------------------------------------------------------------------------------
 def _per_row(per_unique: np.ndarray, codes: np.ndarray, missing: bool) -> np.ndarray:
     """Spread a per-distinct-value flag to the rows; missing cells (code -1) get ``missing``."""
@@ -169,13 +194,13 @@ def _blank(col: pd.Series) -> np.ndarray:
     return missing | (text.str.strip() == "").fillna(False).to_numpy(dtype=bool)
 
 
-def _require(col: pd.Series, name: str, source: str) -> None:
+def _require(col: pd.Series, name: str, source: str, base: int) -> None:
     """No missing or blank cell in a required id column."""
     bad = _blank(col)
     if bad.any():
         i = _first(bad)
         kind = "empty (null)" if pd.isna(col.iloc[i]) else "blank"
-        raise InputError(f"{source}: column '{name}': row {i + 1} is {kind}{_such(bad)}")
+        raise InputError(f"{source}: column '{name}': row {base + i} is {kind}{_such(bad)}")
 
 
 def _such(mask: np.ndarray) -> str:
@@ -188,7 +213,7 @@ def _value(col: pd.Series, i: int) -> object:
     return v.item() if hasattr(v, "item") else v
 
 
-def _check_filled(col: pd.Series, name: str, source: str) -> tuple[pd.Series, np.ndarray, pd.Index]:
+def _check_filled(col: pd.Series, name: str, source: str, base: int) -> tuple[pd.Series, np.ndarray, pd.Index]:
     """A required model column stripped of surrounding spaces, with its codes and distinct values."""
     codes, uniques = pd.factorize(col, use_na_sentinel=True)
     raw = pd.Index(uniques).astype(str)
@@ -197,11 +222,12 @@ def _check_filled(col: pd.Series, name: str, source: str) -> tuple[pd.Series, np
     if bad.any():
         i = _first(bad)
         kind = "empty (null)" if codes[i] < 0 else "blank"
-        raise InputError(f"{source}: column '{name}': row {i + 1} is {kind}{_such(bad)}")
+        raise InputError(f"{source}: column '{name}': row {base + i} is {kind}{_such(bad)}")
     return _rebuild(col, codes, raw, text), codes, text
 
 
-def _check_values(col: pd.Series, name: str, allowed: tuple[str, ...], source: str, required: bool) -> pd.Series:
+def _check_values(col: pd.Series, name: str, allowed: tuple[str, ...], source: str, required: bool,
+                  base: int) -> pd.Series:
     """Lower-cased, stripped values checked against ``allowed``; blank cells become missing (NaN)."""
     codes, uniques = pd.factorize(col, use_na_sentinel=True)
     raw = pd.Index(uniques).astype(str)
@@ -210,12 +236,12 @@ def _check_values(col: pd.Series, name: str, allowed: tuple[str, ...], source: s
     if required and blank.any():
         i = _first(blank)
         kind = "empty (null)" if codes[i] < 0 else "blank"
-        raise InputError(f"{source}: column '{name}': row {i + 1} is {kind}{_such(blank)}")
+        raise InputError(f"{source}: column '{name}': row {base + i} is {kind}{_such(blank)}")
     bad = ~_per_row(norm.isin(allowed), codes, False) & ~blank
     if bad.any():
         i = _first(bad)
         expected = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
-        raise InputError(f"{source}: column '{name}': row {i + 1} has {_value(col, i)!r}; expected {expected}"
+        raise InputError(f"{source}: column '{name}': row {base + i} has {_value(col, i)!r}; expected {expected}"
                          f"{_such(bad)}")
     return _rebuild(col, codes, raw, norm).where(~blank) if blank.any() else _rebuild(col, codes, raw, norm)
 
@@ -246,11 +272,14 @@ def _missing_columns(votes: pd.DataFrame, source: str) -> None:
     raise InputError(f"{source}: missing column(s) {', '.join(missing)}{hint}; found {', '.join(found) or 'none'}")
 
 
-def validate_votes(votes: pd.DataFrame, *, source: str = "votes") -> pd.DataFrame:
+def validate_votes(votes: pd.DataFrame, *, source: str = "votes", row_offset: int = 0,
+                   unique: bool = True) -> pd.DataFrame:
     """Check the contract and return a copy with ``choice``/``shown_first``/``gold`` normalised to lower case.
 
     ``model_a``/``model_b`` are stripped of surrounding spaces; text columns come back with pandas' string
-    dtype. Raises InputError naming the column and the first bad row (rows counted from 1).
+    dtype. Raises InputError naming the column and the first bad row (rows counted from 1, plus
+    ``row_offset`` when ``votes`` is a block of a larger table; ``unique=False`` leaves the check that
+    vote ids are unique to the caller, who sees all blocks).
     """
     if not isinstance(votes, pd.DataFrame):
         raise InputError(f"{source}: expected a pandas DataFrame, got {type(votes).__name__}")
@@ -260,40 +289,66 @@ def validate_votes(votes: pd.DataFrame, *, source: str = "votes") -> pd.DataFram
     _missing_columns(votes, source)
     if len(votes) == 0:
         raise InputError(f"{source}: no rows (only a header)")
+    base = row_offset + 1
     out = votes.reset_index(drop=True).copy()
-    _require(out["user_id"], "user_id", source)
-    model_a, ca, ta = _check_filled(out["model_a"], "model_a", source)
-    model_b, cb, tb = _check_filled(out["model_b"], "model_b", source)
-    out["choice"] = _check_values(out["choice"], "choice", CHOICES, source, required=True)
+    _require(out["user_id"], "user_id", source, base)
+    model_a, ca, ta = _check_filled(out["model_a"], "model_a", source, base)
+    model_b, cb, tb = _check_filled(out["model_b"], "model_b", source, base)
+    out["choice"] = _check_values(out["choice"], "choice", CHOICES, source, True, base)
     ia, ua = pd.factorize(ta)
     ib = pd.Index(ua).get_indexer(tb)
     same = ib[cb] == ia[ca]
     if same.any():
         i = _first(same)
-        raise InputError(f"{source}: columns 'model_a'/'model_b': row {i + 1} compares {ta[ca[i]]!r} "
+        raise InputError(f"{source}: columns 'model_a'/'model_b': row {base + i} compares {ta[ca[i]]!r} "
                          f"with itself{_such(same)}")
     out["model_a"], out["model_b"] = model_a, model_b
     for col in ("shown_first", "gold"):
         if col in out.columns:
-            out[col] = _check_values(out[col], col, SIDES, source, required=False)
+            out[col] = _check_values(out[col], col, SIDES, source, False, base)
     if "vote_id" in out.columns:
-        ids = out["vote_id"]
-        blank = _blank(ids)
+        blank = _blank(out["vote_id"])
         if blank.any():
-            raise InputError(f"{source}: column 'vote_id': row {_first(blank) + 1} is empty; vote ids must be unique")
-        if not ids.is_unique:
-            codes, _ = pd.factorize(ids)
-            rep = pd.Series(codes).duplicated().to_numpy()
-            i = _first(rep)
-            first = _first(codes == codes[i])
-            raise InputError(f"{source}: column 'vote_id': row {i + 1} repeats vote id "
-                             f"{_value(ids, i)!r} of row {first + 1}{_such(rep)}")
+            raise InputError(f"{source}: column 'vote_id': row {base + _first(blank)} is empty; "
+                             "vote ids must be unique")
+        if unique:
+            _check_unique(out["vote_id"], source, base)
     return out
 
 
-def read_votes(path: str | Path) -> pd.DataFrame:
-    """Read and validate a vote table from CSV, TSV, Parquet or JSON lines."""
-    return validate_votes(read_table(path), source=str(path))
+def _check_unique(ids: pd.Series, source: str, base: int = 1) -> None:
+    if ids.is_unique:
+        return
+    codes, _ = pd.factorize(ids)
+    rep = pd.Series(codes).duplicated().to_numpy()
+    i = _first(rep)
+    first = _first(codes == codes[i])
+    raise InputError(f"{source}: column 'vote_id': row {base + i} repeats vote id "
+                     f"{_value(ids, i)!r} of row {base + first}{_such(rep)}")
+
+
+def read_votes(path: str | Path, *, block_size: int | None = None) -> pd.DataFrame:
+    """Read and validate a vote table from CSV, TSV, Parquet or JSON lines.
+
+    CSV/TSV are validated block by block as they stream in, so a bad row stops the read where it is
+    (its row number counted from the start of the file; "(N such rows)" then counts that block);
+    vote-id uniqueness is checked once over the whole table.
+    """
+    path, fmt = _checked(path)
+    if fmt not in ("csv", "tsv"):
+        return validate_votes(read_table(path), source=str(path))
+    source, blocks, offset = str(path), [], 0
+    with _reading(path, fmt):
+        names, stream = _csv_batches(path, "," if fmt == "csv" else "\t", block_size)
+        for batch in stream:
+            blocks.append(validate_votes(batch.to_pandas(), source=source, row_offset=offset, unique=False))
+            offset += batch.num_rows
+    if not blocks:
+        return validate_votes(pd.DataFrame(columns=names), source=source)
+    out = pd.concat(blocks, ignore_index=True) if len(blocks) > 1 else blocks[0]
+    if "vote_id" in out.columns:
+        _check_unique(out["vote_id"], source)
+    return out
 
 
 __all__ = ["CHOICES", "REQUIRED", "SIDES", "read_table", "read_votes", "validate_votes"]

@@ -334,6 +334,45 @@ def test_broken_row_deep_in_a_csv_read_in_blocks(tmp_path, monkeypatch):
                             "(a stray delimiter or an unquoted value?)")
 
 
+@pytest.mark.parametrize("fault,message", [
+    ("choice", "column 'choice': row 45678 has 'sideways'; expected a, b or tie"),
+    ("vote_id", "column 'vote_id': row 45678 repeats vote id 'v12' of row 12"),
+    ("model_b", "columns 'model_a'/'model_b': row 45678 compares 'gpt-4' with itself"),
+])
+def test_bad_value_deep_in_a_csv_validated_block_by_block(fault, message, tmp_path, monkeypatch):
+    """read_votes validates each block as it arrives; rows are counted from the start of the file."""
+    import heedful.votes as hv
+
+    path = tmp_path / "votes.csv"
+    _big_csv(path, 60_000, 1)
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].removesuffix(",stray")
+    user, a, b, choice, vid = lines[45_678].split(",")
+    fixed = {"choice": (user, a, b, "sideways", vid), "vote_id": (user, a, b, choice, "v12"),
+             "model_b": (user, a, a, choice, vid)}[fault]
+    lines[45_678] = ",".join(fixed)
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(hv, "BLOCK_SIZE", 1 << 16)            # ~30 blocks
+    with pytest.raises(hv.InputError) as e:
+        hv.read_votes(path)
+    assert str(e.value) == f"{path}: {message}"
+    monkeypatch.setattr(hv, "BLOCK_SIZE", 1 << 24)            # one block: the same message
+    with pytest.raises(hv.InputError) as e1:
+        hv.read_votes(path)
+    assert str(e1.value) == str(e.value)
+
+
+def test_blocks_give_the_same_frame_as_one_read(tmp_path, monkeypatch):
+    import heedful.votes as hv
+
+    path = tmp_path / "votes.csv"
+    _big_csv(path, 30_000, 1)
+    path.write_text(path.read_text().replace(",stray", "", 1))
+    whole = hv.validate_votes(hv.read_table(path))
+    monkeypatch.setattr(hv, "BLOCK_SIZE", 1 << 15)
+    pd.testing.assert_frame_equal(hv.read_votes(path), whole)
+
+
 def test_broken_row_deep_in_a_large_csv_cli(tmp_path, capsys, monkeypatch):
     _big_csv(tmp_path / "votes.csv", 150_000, 123_456)
     monkeypatch.chdir(tmp_path)
