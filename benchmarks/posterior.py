@@ -63,16 +63,38 @@ def run_nuts(users: int, form: str, draws: int, chains: int, priors: Priors, see
     return m
 
 
-def run_svi(users: int, priors: Priors, seed: int = 2, nuts: Attentiveness | None = None) -> Attentiveness:
-    sim = simulate(users, 20, seed=seed) if nuts is None else nuts.sim_
+def _stats(users: int, seed: int, cache: str | None):
+    """Simulated votes as sufficient statistics, pickled in ``cache`` (simulating 20M votes takes minutes)."""
+    import pickle
+    from pathlib import Path
+
+    from heedful.suffstats import vote_stats
+
+    f = Path(cache) / f"stats-{users}-{seed}.pkl" if cache else None
+    if f is not None and f.exists():
+        return pickle.loads(f.read_bytes())
     t0 = time.perf_counter()
-    m = Attentiveness("svi", priors, options=dict(seed=seed)).fit(sim.votes)
+    sim = simulate(users, 20, seed=seed)
+    out = (vote_stats(sim.votes), sim.users)
+    print(f"  simulated {users:,} users x 20 votes and counted them in {time.perf_counter() - t0:.0f} s")
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(pickle.dumps(out))
+    return out
+
+
+def run_svi(users: int, priors: Priors, seed: int = 2, nuts: Attentiveness | None = None, cache: str | None = None,
+            **opt) -> Attentiveness:
+    stats, truth = _stats(users, seed, cache) if nuts is None else (nuts.sim_.votes, nuts.sim_.users)
+    t0 = time.perf_counter()
+    m = Attentiveness("svi", priors, options=dict(seed=seed, **opt)).fit(stats)
     wall = time.perf_counter() - t0
     d = m.diagnostics_
-    print(f"SVI: {users:,} users x 20 votes: wall {wall:.1f} s (optimisation {d['svi_s']:.1f} s, "
-          f"{d['steps']} steps, batch {d['batch_size']:,}, converged {m.converged_}); load {_load()}")
+    print(f"SVI ({'tied rows' if d['tied'] else 'one row per user'}): {users:,} users x 20 votes: wall {wall:.1f} s "
+          f"(optimisation {d['svi_s']:.1f} s, {d['steps']} steps, {d['guide_rows']:,} guide rows, "
+          f"batch {d['batch_size']:,}, converged {m.converged_}); load {_load()}")
     print(f"  eta prior Beta({m.eta_prior_['a']:.3f}, {m.eta_prior_['b']:.3f}); "
-          f"90% eta interval coverage {coverage(m, sim.users):.3f}")
+          f"90% eta interval coverage {coverage(m, truth):.3f}")
     if nuts is not None:
         c = compare(nuts, m)
         print(f"  SVI vs NUTS: median interval width ratio {c['median_width_ratio']:.3f} "
@@ -88,6 +110,8 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--mu-free", action="store_true", help="learn mu (flat prior) instead of knowing it")
+    p.add_argument("--cache", help="folder to keep simulated statistics between runs")
+    p.add_argument("--untied", action="store_true", help="svi: one guide row per user (no tying)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("HEEDFUL_THREADS", "2")))
     priors = Priors() if args.mu_free else KNOWN
@@ -101,8 +125,9 @@ def main() -> None:
         if nuts is None:
             nuts = run_nuts(args.users or 5000, "collapsed", args.draws, args.chains, priors)
         run_svi(nuts.stats_.n_users, priors, nuts=nuts)
+        run_svi(nuts.stats_.n_users, priors, nuts=nuts, tie=False)
     if args.what in ("svi", "all"):
-        run_svi(args.users or 1_000_000, priors)
+        run_svi(args.users or 1_000_000, priors, cache=args.cache, **({"tie": False} if args.untied else {}))
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def signature_grid(cells: UserCells, n_grid: int | None = None, seed: int = 1234
     _, rep, inv, mult = np.unique(sig, axis=0, return_index=True, return_inverse=True, return_counts=True)
     remap = np.full(cells.n_users, -1)
     remap[rep] = np.arange(len(rep))
-    keep = remap[user] >= 0
+    keep = np.flatnonzero(remap[user] >= 0)
+    keep = keep[np.argsort(remap[user[keep]], kind="stable")]      # sorted by signature (CSR)
     dev, dt = cells.count.device, cells.count.dtype
     ru = remap[user[keep]]
     length = np.bincount(ru, minlength=len(rep))
