@@ -128,6 +128,7 @@ def test_dpo_script_trains_a_tiny_random_model_on_heedfuls_export(tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
     from benchmarks.downstream import dpo_train
+    from benchmarks.downstream.pipeline import Settings, heedful_priors
     from benchmarks.downstream.users import CONTRACT
     from heedful.dpo import dpo_records, write_dpo
     from heedful.filtering import Rule, filter_votes, fit_of
@@ -135,7 +136,9 @@ def test_dpo_script_trains_a_tiny_random_model_on_heedfuls_export(tmp_path):
 
     items = load_items("pandalm", DATA).iloc[:60]
     votes = simulate_votes(items, Population(mean_votes=5), np.random.default_rng(0))[CONTRACT]
-    kept = filter_votes(votes, fit_of(Attentiveness().fit(votes)), Rule(min_eta=0.0)).kept
+    # mu known per pair, as in the benchmark (learning ten mu's from 60 votes is slow and says nothing)
+    priors = heedful_priors(items, Settings())
+    kept = filter_votes(votes, fit_of(Attentiveness(priors=priors).fit(votes)), Rule(min_eta=0.0)).kept
     export = tmp_path / "dpo.jsonl"
     write_dpo(export, dpo_records(kept))
     metrics = dpo_train.train(dpo_train.parse_args(
