@@ -136,12 +136,16 @@ users.sort_values("n_votes", ascending=False).head(5).round(3)
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 ax = axes[0]
+MANY = 20   # intervals drawn for users with at least this many votes (the rest: posterior means only)
 for kind, colour in (("attentive", "tab:blue"), ("casual", "tab:red")):
     u = users[users.true_type == kind]
-    ax.errorbar(u.true_eta, u.eta_mean, yerr=[u.eta_mean - u.eta_lo, u.eta_hi - u.eta_mean], fmt=".",
-                ms=3, alpha=0.25, color=colour, label=f"{kind} type")
+    ax.scatter(u.true_eta, u.eta_mean, s=4, alpha=0.35, color=colour, label=f"{kind} type")
+    v = u[u.n_votes >= MANY]
+    ax.errorbar(v.true_eta, v.eta_mean, yerr=[v.eta_mean - v.eta_lo, v.eta_hi - v.eta_mean], fmt="o",
+                ms=3, alpha=0.8, color=colour, lw=0.8)
 ax.plot([0, 1], [0, 1], "k--", lw=1)
-ax.set(xlabel="true eta", ylabel="posterior mean and 90% interval", title="per-user attentiveness vs the truth")
+ax.set(xlabel="true eta", ylabel="posterior mean of eta",
+       title=f"eta vs the truth (bars: 90% intervals, users with >= {MANY} votes)")
 ax.legend()
 ax = axes[1]
 ax.scatter(users.n_votes, users.eta_hi - users.eta_lo, s=5, alpha=0.4)
