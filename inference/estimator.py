@@ -197,7 +197,7 @@ class Attentiveness:
             warnings.append(f"mu for {r.model_a} vs {r.model_b} is weakly identified: its {self.level:.0%} interval "
                             f"[{r.mu_lo:.3f}, {r.mu_hi:.3f}] is wider than {self.priors.mu_interval_warn:g}; "
                             "fix it in the config, give it a prior, or add gold votes")
-        for r in self.pairs_[(self.pairs_.source != "known") & ((self.pairs_.mu - 0.5).abs() < 0.02)].itertuples():
+        for r in self.pairs_[(self.pairs_.mu - 0.5).abs() < 0.02].itertuples():
             warnings.append(f"mu for {r.model_a} vs {r.model_b} is {r.mu:.3f}, close to 1/2: votes on this pair "
                             "say almost nothing about attentiveness")
         if stats.n_ties:

@@ -82,8 +82,6 @@ def test_mu_near_one_half_learned_warns(tmp_path):
     assert any("close to 1/2" in w for w in model.warnings_), model.warnings_
 
 
-@pytest.mark.xfail(strict=True, reason="inference/estimator.py warns 'close to 1/2' only for learned mu; a known "
-                   "mu of 0.5 (from the config) also makes the pair's votes say nothing about eta, silently")
 def test_mu_known_one_half_warns():
     votes = simulate(200, 10, mu=0.5, seed=2).votes
     half = priors_from_dict({"pairs": [{"model_a": "strong-model", "model_b": "weak-model", "mu": 0.5}]})
