@@ -16,6 +16,7 @@ enumerated sites, and ``from_dict`` works the same on ArviZ 1.x.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -28,6 +29,20 @@ from heedful.suffstats import VoteStats
 RHAT_MAX, ESS_MIN = 1.01, 400
 GLOBAL_VARS = ("a", "b", "mu", "rho", "strength")
 CHUNK = 4_000_000
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No warnings, and ArviZ's logger only for errors (one chain of SVI draws is not a shape problem)."""
+    log = logging.getLogger("arviz")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _az():
@@ -147,10 +162,7 @@ def build_inference_data(stats: VoteStats, spec: GlobalSpec, cells, samples: dic
     prior = prior_draws(spec, 1000, seed)
     if prior:
         kwargs["prior"] = prior
-    log = logging.getLogger("arviz")
-    level, log.level = log.level, logging.ERROR       # one chain (svi) is not a shape problem
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         idata = az.from_dict(
             posterior=post,
             observed_data={"n_votes": pr["n_votes"], "n_favoured": pr["n_favoured"],
@@ -158,7 +170,6 @@ def build_inference_data(stats: VoteStats, spec: GlobalSpec, cells, samples: dic
             log_likelihood={"votes": pr["log_lik"]},
             posterior_predictive={"n_favoured": pr["rep_favoured"], "choice_rate": pr["rep_rate"]},
             coords=coords, dims=dims, **kwargs)
-    log.setLevel(level)
     idata.posterior.attrs.update({"method": method, "heedful_favoured_side": "canonical model_a where the "
                                   "posterior mean of mu >= 0.5", "mu_source": ",".join(spec.mu_source)})
     idata.posterior.attrs["mu_prior_alpha"] = list(map(float, spec.mu_alpha))
@@ -171,8 +182,7 @@ def summarize(idata, method: str, max_users: int = 1000, check_mixing: bool = Tr
     and the warnings: r_hat > 1.01, ess < 400, divergences > 0 (``check_mixing``: sampling methods)."""
     az = _az()
     names = [v for v in GLOBAL_VARS if v in idata.posterior]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         tab = az.summary(idata, var_names=names, kind="all", round_to="none", hdi_prob=0.9)
         tab = tab[tab["sd"] > 0]            # known values (a fixed mu, a fixed prior) are not sampled
         users = idata.posterior["eta"].isel(user=slice(0, max_users if check_mixing else 0))

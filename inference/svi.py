@@ -63,6 +63,7 @@ from heedful.model.likelihood import Kinds
 
 LR_PHASES = (1.0, 0.2, 0.04)   # learning rate multipliers, each used until the ELBO plateaus
 REPLICAS = 256                 # draws of eta per group of tied users per step (at most the group's size)
+UNTIED_REPLICAS = 8            # draws per user per step with one guide row per user
 FULL_BATCH_MAX = 2_000_000     # users; more than this and the users plate is subsampled by default
 
 
@@ -203,17 +204,21 @@ def fit_svi(ctx) -> object:
     a0, b0, init_loc, init_scale = initial_state(cells, mu0)
     # tie: users with identical (kind, count) cells share q (the per-user optimum is the same for them)
     tie = opt.get("tie", "auto")
-    rows, weights, row_of_user, shared = cells, None, torch.arange(U), None
+    rows, weights, row_of_user, shared, groups = cells, None, torch.arange(U), None, U
     if tie in (True, "auto", "true", "yes"):
         grid = signature_grid(cells, n_grid=3)
         if tie != "auto" or grid.n_sig <= U // 4:
-            R = grid.n_sig
+            R = groups = grid.n_sig
             K = int(opt.get("replicas", min(REPLICAS, max(1, U // R))))
             rows, shared = replicate(grid.sig_cells, K)
             weights = grid.mult[shared] / K
             row_of_user = grid.user_sig
             init_loc = torch.zeros(R, dtype=dt).index_copy(0, row_of_user, init_loc)
             init_scale = torch.ones(R, dtype=dt).index_copy(0, row_of_user, init_scale)
+    if shared is None and int(opt.get("replicas", UNTIED_REPLICAS)) > 1:
+        K = int(opt.get("replicas", UNTIED_REPLICAS))
+        rows, shared = replicate(cells, K)
+        weights = torch.full((rows.n_users,), 1.0 / K, dtype=dt)
     n_rows = rows.n_users
     batch = opt.get("batch_size")
     batch = None if (batch is None and n_rows <= FULL_BATCH_MAX) else int(batch or FULL_BATCH_MAX // 4)
@@ -341,7 +346,7 @@ def fit_svi(ctx) -> object:
     diag = summarize(idata, method="svi", check_mixing=False)
     every = max(1, len(losses) // 200)
     diag.update({"globals_guide": which, "steps": step, "batch_size": batch or n_rows, "svi_s": round(svi_s, 2),
-                 "guide_rows": n_rows, "tied": weights is not None,
+                 "guide_rows": n_rows, "guide_groups": groups, "tied": weights is not None, "guide": family,
                  "converged": converged, "elbo_per_vote": [-float(v) * scale for v in losses[::every]],
                  "elbo_every": every, "lr": lr, "stored_users": int(stored.shape[0])})
     fit = GlobalFit(a=a_m, b=b_m, mu=mu_m.numpy(), rho=rho_m, theta=theta.numpy(), cov=cov, objective=obj,

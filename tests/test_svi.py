@@ -36,19 +36,25 @@ def test_svi_matches_the_exact_posterior(data):
     assert idata.posterior["eta"].shape[:2] == (1, 1000)
 
 
-def test_svi_subsampled_users(data):
-    """Half the users a step (the factor scaled by U / batch): still near the exact posterior means."""
+def test_svi_one_row_per_user_subsampled_agrees_with_tied(data):
+    """A guide row per user (8 draws each a step), half of those rows a step (factor scaled by rows / batch),
+    against tied rows."""
     sim, exact = data
-    m = Attentiveness("svi", KNOWN, options={"seed": 1, "batch_size": 1000}).fit(sim.votes)
-    assert m.diagnostics_["batch_size"] == 1000
-    assert np.mean(np.abs(m.users_.eta_mean - exact.users_.eta_mean)) < 0.03
+    tied = Attentiveness("svi", KNOWN, options={"seed": 1}).fit(sim.votes)
+    assert tied.diagnostics_["tied"] and tied.diagnostics_["guide_groups"] < 100
+    own = Attentiveness("svi", KNOWN, options={"seed": 1, "batch_size": 8000, "tie": False}).fit(sim.votes)
+    assert not own.diagnostics_["tied"] and own.diagnostics_["batch_size"] == 8000
+    assert np.mean(np.abs(own.users_.eta_mean - exact.users_.eta_mean)) < 0.03
+    assert np.mean(np.abs(own.users_.eta_mean - tied.users_.eta_mean)) < 0.03
 
 
-def test_svi_normal_globals_give_mu_draws():
+def test_svi_normal_globals_and_logit_normal_guide():
     sim = simulate(1500, 20, seed=12)
-    m = Attentiveness("svi", Priors(), options={"seed": 2, "globals": "normal", "draws": 300}).fit(sim.votes)
+    m = Attentiveness("svi", Priors(), options={"seed": 2, "globals": "normal", "draws": 300,
+                                                "guide": "logit-normal"}).fit(sim.votes)
     mu = m.inference_data_.posterior["mu"].values.ravel()
     assert mu.std() > 0 and 0.6 < mu.mean() < 0.99
+    assert (m.users_.eta_lo < m.users_.eta_mean).all() and (m.users_.eta_mean < m.users_.eta_hi).all()
 
 
 def test_logit_normal_summaries_against_monte_carlo():
