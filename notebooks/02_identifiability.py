@@ -119,9 +119,10 @@ plt.show()
 
 # %% [markdown]
 # The high-likelihood region is a curved band along the ridge, not a peak: moving along it trades
-# $\mu$ against the scale of $\eta$ at almost no cost. More votes per user narrow the band (the
-# white contour, a drop of 3 in log-likelihood), because the distribution of choice counts then shows
-# more of the shape of the $\eta$ distribution, but the band stays long. The same is true of the
+# $\mu$ against the scale of $\eta$ at little cost. More votes per user narrow the band (the white
+# contour, a drop of 3 in log-likelihood), and with the concentration held at its true value they
+# shorten it too. In practice the concentration is not known, and freeing it lengthens the band again
+# (section 2, the profile). The same holds for the
 # data's information about *every* $\eta_u$: fix $\mu$ wrongly and every user's $\eta$ is rescaled
 # by $(\mu_{true} - \tfrac12) / (\mu_{fixed} - \tfrac12)$ (notebook 04 shows it).
 #
@@ -248,8 +249,9 @@ plt.show()
 #   only through the spread of the choice rates beyond binomial noise (its column in the table).
 # * **With $\mu$ known**, the population mean of $\eta$ comes back within a few percent as soon as
 #   there are a few thousand votes.
-# * **With $\mu$ learned**, $\mu$ and the scale of $\eta$ trade along the ridge: errors shrink slowly
-#   with $m$ and mostly with $n$ (more votes per user show the shape of the $\eta$ distribution).
+# * **With $\mu$ learned**, $\mu$ and the scale of $\eta$ trade along the ridge: their errors stay at
+#   tens of percent and fall slowly and unevenly with $m$ and $n$ (more votes per user show more of the
+#   shape of the $\eta$ distribution; the replicates show how much one data set can be off).
 # * **A Beta(8, 2) prior** on $\mu$ pins $\mu$ where the data cannot, but *where* it pins it matters:
 #   the fit is a MAP estimate, and along a flat ridge the MAP goes to the prior's **mode**,
 #   $7/8 = 0.875$, not its mean 0.8. The error of $\mu$ then stays near $0.075/0.8 \approx 9\%$
