@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -89,7 +90,14 @@ def run(cmd: list[str], timeout: float | None = None) -> dict:
                 "print('@@rss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
                 "sys.exit(r.returncode)", *cmd]
     t = time.perf_counter()
-    p = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)         # the measured process, not only /usr/bin/time
+        proc.communicate()
+        raise
+    p = subprocess.CompletedProcess(full, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - t
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
