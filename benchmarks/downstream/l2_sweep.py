@@ -25,7 +25,7 @@ from benchmarks.downstream.embed import cache_dir, embed_items, item_features, m
 from benchmarks.downstream.reward import train_reward  # noqa: E402
 from benchmarks.downstream.users import Population, simulate_votes  # noqa: E402
 
-GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def sweep(source: str, seeds: range, test_frac: float = 0.25) -> pd.DataFrame:
