@@ -184,7 +184,7 @@ def summarize(idata, method: str, max_users: int = 1000, check_mixing: bool = Tr
     names = [v for v in GLOBAL_VARS if v in idata.posterior]
     with _quiet():
         tab = az.summary(idata, var_names=names, kind="all", round_to="none", hdi_prob=0.9)
-        tab = tab[tab["sd"] > 0]            # known values (a fixed mu, a fixed prior) are not sampled
+        tab = tab[(tab["sd"] > 1e-12 * tab["mean"].abs().clip(lower=1)) & tab["r_hat"].notna()]  # known: not sampled
         users = idata.posterior["eta"].isel(user=slice(0, max_users if check_mixing else 0))
         ut = az.summary(users, kind="diagnostics", round_to="none") if users.sizes["user"] else None
     out: dict = {"method": method, "globals": {
