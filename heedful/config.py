@@ -23,7 +23,8 @@ mu = 0.8                # known; or mu = "Beta(8, 2)", a prior
 tol = 1e-9
 max_iter = 500
 mu_interval_warn = 0.25 # warn when a 90% interval for mu is wider than this
-profile = false         # profile-likelihood intervals for every learned mu (always where the Hessian fails)
+profile = "auto"        # profile-likelihood intervals for mu where the Hessian fails; true: every learned
+                        # mu; false: never (such intervals are then left empty)
 ```
 """
 
@@ -76,7 +77,7 @@ class Priors:
     max_iter: int = 500
     mu_interval_warn: float = 0.25
     casual_threshold: float = 0.5
-    profile: bool = False
+    profile: bool | str = "auto"
     source: str = field(default="defaults", compare=False)
 
     def __post_init__(self) -> None:
@@ -151,8 +152,8 @@ def priors_from_dict(doc: dict, source: str = "config") -> Priors:
         raise ConfigError(f"{source}: pairs must be an array of tables ([[pairs]])")
     settings = {}
     if "profile" in fit:
-        if not isinstance(fit["profile"], bool):
-            raise ConfigError(f"{source}: fit.profile must be true or false")
+        if not (isinstance(fit["profile"], bool) or fit["profile"] == "auto"):
+            raise ConfigError(f"{source}: fit.profile must be true, false or \"auto\"")
         settings["profile"] = fit["profile"]
     for k, typ in _FIT_KEYS.items():
         if k in fit:

@@ -66,7 +66,8 @@ def _marginal(ctx: FitContext) -> MethodResult:
         offset = ctx.spec.n_free - len(free)
         for j, p in enumerate(free):
             flat = sd is None or not np.isfinite(sd[offset + j]) or sd[offset + j] > 5
-            if flat or ctx.options.get("profile"):
+            mode = ctx.options.get("profile", "auto")
+            if (flat and mode == "auto") or mode is True:
                 fit.profiles[int(p)] = profile_mu(ctx.stats, ctx.plan, ctx.spec, fit, int(p), ctx.level)
     return MethodResult(fit)
 

@@ -19,7 +19,7 @@ from heedful.inference.result import GlobalFit
 from heedful.model.likelihood import QuadraturePlan
 from heedful.suffstats import VoteStats
 
-STEP, EDGE = 0.25, 9.0
+STEP, EDGE = 0.5, 9.0
 
 
 def _log_beta(x: float, a: float, b: float) -> float:
@@ -27,12 +27,12 @@ def _log_beta(x: float, a: float, b: float) -> float:
 
 
 def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: GlobalFit, p: int,
-               level: float = 0.90, tol: float = 1e-8) -> dict:
+               level: float = 0.90, tol: float = 1e-7) -> dict:
     """Profile of mu_p: {"mu": [...], "objective": [...], "lo": float, "hi": float} (sorted by mu)."""
     from heedful.inference.marginal import fit_marginal  # marginal uses this module's caller
 
     drop = float(sstats.chi2.ppf(level, 1)) / 2
-    t_hat = float(np.log(fit.mu[p]) - np.log1p(-fit.mu[p]))
+    t_hat = float(np.clip(np.log(fit.mu[p]) - np.log1p(-fit.mu[p]), -EDGE, EDGE))
     has_prior = spec.mu_source[p] == "prior"
     points = [(float(fit.mu[p]), fit.objective)]
     ends = {}
@@ -40,7 +40,7 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
         t, prev_t, prev_obj = t_hat, t_hat, fit.objective
         start = (fit.a, fit.b, fit.mu.copy(), fit.rho)
         ends[direction] = 0.0 if direction < 0 else 1.0
-        while abs(t + direction * STEP) <= EDGE:
+        while abs(t + direction * STEP) <= EDGE + 1e-9:
             t += direction * STEP
             mu_p = float(1 / (1 + np.exp(-t)))
             known = spec.mu_known.copy()
