@@ -118,6 +118,29 @@ def _summary(model, outdir: Path, elapsed: float) -> None:
     out.print(f"wrote {outdir / 'users.parquet'} and {outdir / 'params.json'}")
 
 
+def _parse_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> {key: int | float | bool | str}."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {item!r}: write KEY=VALUE, e.g. --option form=full")
+        v = value.strip()
+        low = v.lower()
+        if low in ("true", "yes", "false", "no"):
+            out[key.strip()] = low in ("true", "yes")
+            continue
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = v
+    return out
+
+
 @app.command()
 def fit(
     votes: Annotated[Path, typer.Argument(help="Votes file: .csv, .tsv, .parquet or .jsonl.")],
@@ -130,6 +153,9 @@ def fit(
     warmup: Annotated[int | None, typer.Option(help="nuts: warm-up steps per chain.")] = None,
     chains: Annotated[int | None, typer.Option(help="nuts: number of chains.")] = None,
     seed: Annotated[int | None, typer.Option(help="svi/nuts: random seed.")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", help="svi/nuts: a method option KEY=VALUE, repeatable (e.g. form=full, per_vote=true, "
+                         "tie=false, guide=logit-normal; see docs/posterior.md).")] = None,
     dask: Annotated[str | None, typer.Option(
         "--dask", help="Count the votes on a Dask cluster: a scheduler ADDRESS, or 'local' for a local cluster "
                        "(needs the dask extra); the fit itself runs here.")] = None,
@@ -140,6 +166,7 @@ def fit(
     chunks, so memory grows with users x pairs, not with votes.
     """
     options = {k: v for k, v in dict(draws=draws, warmup=warmup, chains=chains, seed=seed).items() if v is not None}
+    options.update(_parse_options(option or []))
     _fit_and_write(votes, outdir, config, method, device, dtype, options, dask)
 
 

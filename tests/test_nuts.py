@@ -168,3 +168,29 @@ def test_warnings_name_the_problem():
     w = " | ".join(nuts_warnings(tab, ut, 3))
     assert "r_hat > 1.01 for b" in w and "1 users' eta" in w and "size < 400 for b" in w and "3 divergent" in w
     assert nuts_warnings(tab.iloc[:1], ut.iloc[:1], 0) == []
+
+
+def test_cli_nuts_with_options(tmp_path):
+    """`heedful fit --method nuts --option per_vote=true` writes posterior.nc with the per-vote group."""
+    import json
+
+    import arviz as az
+    from typer.testing import CliRunner
+
+    from heedful.cli import app
+    from heedful.outputs import write_table
+
+    write_table(tmp_path / "votes.parquet", simulate(150, 12, seed=8).votes)
+    (tmp_path / "priors.toml").write_text('[[pairs]]\nmodel_a = "strong-model"\nmodel_b = "weak-model"\nmu = 0.8\n')
+    r = CliRunner().invoke(app, ["fit", str(tmp_path / "votes.parquet"), "-o", str(tmp_path / "out"), "--method",
+                                 "nuts", "--config", str(tmp_path / "priors.toml"), "--draws", "150", "--chains",
+                                 "2", "--seed", "1", "--option", "per_vote=true", "--option", "form=collapsed"])
+    assert r.exit_code == 0, r.output
+    params = json.loads((tmp_path / "out" / "params.json").read_text())
+    assert params["diagnostics"]["form"] == "collapsed" and "per_vote" in params["diagnostics"]
+    idata = az.from_netcdf(tmp_path / "out" / "posterior.nc")
+    p = idata.predictions["attentive_prob"].values.ravel()
+    assert ((p >= 0) & (p <= 1)).all() and p.std() > 0
+    bad = CliRunner().invoke(app, ["fit", str(tmp_path / "votes.parquet"), "-o", str(tmp_path / "x"), "--method",
+                                   "nuts", "--option", "oops"])
+    assert bad.exit_code != 0
