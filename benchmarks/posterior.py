@@ -104,6 +104,10 @@ def run_svi(users: int, priors: Priors, seed: int = 2, nuts: Attentiveness | Non
 
 
 def main() -> None:
+    import builtins
+    import functools
+
+    builtins.print = functools.partial(print, flush=True)   # progress shows up in redirected logs
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["collapsed", "full", "svi", "svi-small", "all"])
     p.add_argument("--users", type=int)
