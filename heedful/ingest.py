@@ -150,10 +150,24 @@ def _csv_batches(path: Path, sep: str, chunk_rows: int) -> Iterator[pa.RecordBat
             except pa.ArrowInvalid:
                 if not bad:
                     raise
+                if not bad["number"]:          # threaded parsing leaves the row number out: find it serially
+                    _serial_bad_row(path, parse, convert, bad)
                 row, n, want = bad["number"] - 1, bad["actual"], bad["expected"]
                 hint = "an unclosed quote?" if n < want else "a stray delimiter or an unquoted value?"
                 raise InputError(f"{path}: row {row} has {n} field(s), the header has {want} ({hint})") from None
             yield batch
+
+
+def _serial_bad_row(path: Path, parse: pacsv.ParseOptions, convert: pacsv.ConvertOptions, bad: dict) -> None:
+    """Re-read a CSV with one parser thread (which numbers rows), keeping nothing, until the broken row."""
+    with pa.input_stream(str(path), compression="detect") as f:
+        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 24),
+                                parse_options=parse, convert_options=convert)
+        try:
+            for _ in reader:
+                pass
+        except pa.ArrowInvalid:
+            pass
 
 
 def _whole(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
