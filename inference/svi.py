@@ -346,7 +346,7 @@ def fit_svi(ctx) -> object:
     diag = summarize(idata, method="svi", check_mixing=False)
     every = max(1, len(losses) // 200)
     diag.update({"globals_guide": which, "steps": step, "batch_size": batch or n_rows, "svi_s": round(svi_s, 2),
-                 "guide_rows": n_rows, "guide_groups": groups, "tied": weights is not None, "guide": family,
+                 "guide_rows": n_rows, "guide_groups": groups, "tied": groups < U, "guide": family,
                  "converged": converged, "elbo_per_vote": [-float(v) * scale for v in losses[::every]],
                  "elbo_every": every, "lr": lr, "stored_users": int(stored.shape[0])})
     fit = GlobalFit(a=a_m, b=b_m, mu=mu_m.numpy(), rho=rho_m, theta=theta.numpy(), cov=cov, objective=obj,
