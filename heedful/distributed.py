@@ -119,7 +119,10 @@ def _client(address: str | None):
     dask, dd, Client, LocalCluster = _dask()
     if address in (None, "", "local"):
         return Client(LocalCluster(processes=False, dashboard_address=None)), True
-    return Client(address), True
+    try:
+        return Client(address, timeout="20s"), True
+    except (OSError, TimeoutError) as e:
+        raise InputError(f"--dask: cannot reach the Dask scheduler at {address} ({e})") from None
 
 
 def frame_vote_stats(frame, *, source: str = "votes", client=None) -> VoteStats:
