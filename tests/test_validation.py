@@ -382,9 +382,6 @@ def test_broken_row_deep_in_a_large_csv_cli(tmp_path, capsys, monkeypatch):
                    "(a stray delimiter or an unquoted value?)\n")
 
 
-@pytest.mark.xfail(strict=True, reason="heedful/ingest.py streams CSV with use_threads=True, so pyarrow's "
-                   "invalid-row handler gets row.number None and the message says 'row -1' once the broken row "
-                   "is past the first block (files over 64 MiB with the default chunk_rows)")
 def test_broken_row_past_the_first_block_streamed(tmp_path):
     ingest = pytest.importorskip("heedful.ingest")
     _big_csv(tmp_path / "votes.csv", 150_000, 123_456)
