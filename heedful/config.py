@@ -21,7 +21,7 @@ mu = 0.8                # known; or mu = "Beta(8, 2)", a prior
 
 [fit]                   # optional
 tol = 1e-9
-max_iter = 500
+max_iter = 500          # default: 500 for marginal, 2000 for em (EM creeps to boundary MAPs)
 mu_interval_warn = 0.25 # warn when a 90% interval for mu is wider than this
 profile = "auto"        # profile-likelihood intervals for mu where the Hessian fails; true: every learned
                         # mu; false: never (such intervals are then left empty)
@@ -74,7 +74,7 @@ class Priors:
     strength_sd: float = 0.0                      # Normal(0, sd) prior on strengths; 0: none
     pairs: tuple[PairPrior, ...] = ()
     tol: float = 1e-9
-    max_iter: int = 500
+    max_iter: int | None = None                  # None: the method's own default
     mu_interval_warn: float = 0.25
     casual_threshold: float = 0.5
     profile: bool | str = "auto"
@@ -89,7 +89,7 @@ class Priors:
             raise ConfigError(f"behaviour.rho = {self.rho}: a known rho must lie strictly between 0 and 1")
         if self.mu_model not in ("pairs", "strengths"):
             raise ConfigError(f"generators.mu = {self.mu_model!r}: use \"pairs\" or \"strengths\"")
-        if not (self.tol > 0 and self.max_iter >= 1 and 0 < self.mu_interval_warn <= 1):
+        if not (self.tol > 0 and (self.max_iter is None or self.max_iter >= 1) and 0 < self.mu_interval_warn <= 1):
             raise ConfigError("fit settings: tol > 0, max_iter >= 1 and 0 < mu_interval_warn <= 1")
         seen = set()
         for p in self.pairs:

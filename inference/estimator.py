@@ -127,7 +127,8 @@ class Attentiveness:
         self.dtype = dtype
         self.level = level
         self.tol = tol if tol is not None else self.priors.tol
-        self.max_iter = max_iter if max_iter is not None else self.priors.max_iter
+        default_iter = {"em": 2000}.get(method, 500)
+        self.max_iter = next(v for v in (max_iter, self.priors.max_iter, default_iter) if v is not None)
         self.progress = progress
         self.options = dict(options or {})
 
