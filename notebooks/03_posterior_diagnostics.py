@@ -53,7 +53,9 @@ from heedful.errors import InputError
 from heedful.inference import Attentiveness
 from heedful.simulate import simulate
 
-logging.getLogger("arviz").setLevel(logging.ERROR)   # arviz (set on import): "shape validation" of 1-chain SVI draws
+# arviz 0.x logs through its own logger object (az._log), not logging.getLogger("arviz"): quiet its
+# "shape validation" notice about the one-chain SVI draws
+getattr(az, "_log", logging.getLogger("arviz")).setLevel(logging.ERROR)
 
 SMALL = os.environ.get("HEEDFUL_NB_SMALL", "0") == "1"
 USERS, VOTES = (300, 15) if SMALL else (2000, 20)
