@@ -194,6 +194,8 @@ class Attentiveness:
             m: {"strength": v[0], "lo": v[1], "hi": v[2], "reference": i == spec.reference}
             for i, (m, v) in enumerate(iv["strengths"].items())}
         warnings = list(spec.warnings) + list(gfit.warnings)
+        labels = stats.pair_labels()
+        warnings += [f"{labels[p]}: {w}" for p, prof in gfit.profiles.items() for w in prof.get("warnings", [])]
         width = self.pairs_.mu_hi - self.pairs_.mu_lo
         for r in self.pairs_[(self.pairs_.source != "known") & (width > self.priors.mu_interval_warn)].itertuples():
             warnings.append(f"mu for {r.model_a} vs {r.model_b} is weakly identified: its {self.level:.0%} interval "

@@ -3,8 +3,9 @@
     l_p(mu) = max over the other globals of [log marginal likelihood + log priors], with mu_p = mu
     interval = {mu : 2 (l_max - l_p(mu)) <= chi2_1(level)}
 
-Walks outwards from the estimate in logit steps, re-maximising the others from the previous point;
-a side that never drops below the threshold before |logit mu| = 9 is reported as reaching 0 or 1.
+Walks outwards from the estimate in logit steps, re-maximising the others from the previous point
+(and from Beta(1, 1) when that point's eta prior is degenerate); a side that never drops below the
+threshold before |logit mu| = 9 is reported as reaching 0 or 1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from heedful.inference.result import GlobalFit
 from heedful.model.likelihood import QuadraturePlan
 from heedful.suffstats import VoteStats
 
-STEP, EDGE = 0.5, 9.0
+STEP, EDGE, BISECT = 0.5, 9.0, 5
 
 
 def _log_beta(x: float, a: float, b: float) -> float:
@@ -34,31 +35,54 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
     drop = float(sstats.chi2.ppf(level, 1)) / 2
     t_hat = float(np.clip(np.log(fit.mu[p]) - np.log1p(-fit.mu[p]), -EDGE, EDGE))
     has_prior = spec.mu_source[p] == "prior"
-    points = [(float(fit.mu[p]), fit.objective)]
+
+    def refit(t: float, start: tuple) -> tuple[float, tuple]:
+        """l_p at logit mu = t, maximising the rest from `start` (and from Beta(1, 1) if start is degenerate)."""
+        mu_p = float(1 / (1 + np.exp(-t)))
+        known = spec.mu_known.copy()
+        known[p] = mu_p
+        src = list(spec.mu_source)
+        src[p] = "known"
+        sp = replace(spec, mu_known=known, mu_source=src, warnings=[])
+        mu_start = start[2].copy()
+        mu_start[p] = mu_p
+        f = fit_marginal(stats, plan, sp, tol=tol, start=(start[0], start[1], mu_start, start[3]), curvature=False)
+        if spec.eta_fixed is None and not (0.05 < start[0] < 100 and 0.05 < start[1] < 100):
+            # a degenerate prior (a or b near 0 or huge) is a flat region where the refit stays put;
+            # restart from Beta(1, 1) as well and keep the better maximum
+            g = fit_marginal(stats, plan, sp, tol=tol, start=(1.0, 1.0, mu_start, start[3]), curvature=False)
+            f = g if g.objective > f.objective else f
+        obj = f.objective + (_log_beta(mu_p, spec.mu_alpha[p], spec.mu_beta[p]) if has_prior else 0.0)
+        return obj, (f.a, f.b, f.mu, f.rho)
+
+    points = [(t_hat, fit.objective)]
+    top = fit.objective
     ends = {}
     for direction in (-1.0, 1.0):
-        t, prev_t, prev_obj = t_hat, t_hat, fit.objective
+        t, prev_t = t_hat, t_hat
         start = (fit.a, fit.b, fit.mu.copy(), fit.rho)
         ends[direction] = 0.0 if direction < 0 else 1.0
         while abs(t + direction * STEP) <= EDGE + 1e-9:
             t += direction * STEP
-            mu_p = float(1 / (1 + np.exp(-t)))
-            known = spec.mu_known.copy()
-            known[p] = mu_p
-            src = list(spec.mu_source)
-            src[p] = "known"
-            sp = replace(spec, mu_known=known, mu_source=src, warnings=[])
-            mu_start = start[2].copy()
-            mu_start[p] = mu_p
-            f = fit_marginal(stats, plan, sp, tol=tol, start=(start[0], start[1], mu_start, start[3]), curvature=False)
-            obj = f.objective + (_log_beta(mu_p, spec.mu_alpha[p], spec.mu_beta[p]) if has_prior else 0.0)
-            points.append((mu_p, obj))
-            if fit.objective - obj > drop:   # crossed: interpolate linearly in logit between the last two points
-                frac = (fit.objective - drop - prev_obj) / (obj - prev_obj)
-                tc = prev_t + frac * (t - prev_t)
-                ends[direction] = float(1 / (1 + np.exp(-tc)))
+            obj, nxt = refit(t, start)
+            points.append((t, obj))
+            top = max(top, obj)
+            if top - obj > drop:   # crossed between prev_t and t: bisect with refits
+                lo_t, hi_t = prev_t, t
+                for _ in range(BISECT):
+                    mid = 0.5 * (lo_t + hi_t)
+                    o, _ = refit(mid, start)
+                    points.append((mid, o))
+                    lo_t, hi_t = (mid, hi_t) if top - o <= drop else (lo_t, mid)
+                ends[direction] = float(1 / (1 + np.exp(-0.5 * (lo_t + hi_t))))
                 break
-            prev_t, prev_obj, start = t, obj, (f.a, f.b, f.mu, f.rho)
+            prev_t, start = t, nxt
+    warnings = []
+    if top > fit.objective + 1e-3:
+        best_t = max(points, key=lambda q: q[1])[0]
+        warnings.append(f"the profile found a higher likelihood (+{top - fit.objective:.3g}) at mu = "
+                        f"{1 / (1 + np.exp(-best_t)):.3f}: the likelihood is nearly flat along this mu")
+    points = [(float(1 / (1 + np.exp(-t))), o) for t, o in points]
     points.sort()
     return {"mu": [m for m, _ in points], "objective": [o for _, o in points], "lo": ends[-1.0], "hi": ends[1.0],
-            "level": level}
+            "level": level, "warnings": warnings}
