@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (heedful first: it sets the OpenMP wait policy before torch loads)
 import heedful  # noqa: F401  (sets OpenMP's wait policy before torch loads)
 import numpy as np
 import pandas as pd
