@@ -25,7 +25,6 @@ second-shown answer); integrated on a grid in x = logit(eta), tails beyond |x| =
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,17 +75,11 @@ def _rho_of(pb: dict | None) -> dict:
 
 def load_fit(outdir: str | Path) -> Fit:
     """Read OUTDIR/users.parquet and OUTDIR/params.json written by ``heedful fit``."""
-    outdir = Path(outdir)
-    up, pp = outdir / "users.parquet", outdir / "params.json"
-    for p in (up, pp):
-        if not p.exists():
-            raise InputError(f"{p}: no such file; run `heedful fit VOTES -o {outdir}` first")
-    users = pd.read_parquet(up)
-    need = {"user_id", "eta_hat", "eta_mean"} - set(users.columns)
-    if need:
-        raise InputError(f"{up}: missing column(s) {', '.join(sorted(need))}")
+    from heedful.outputs import read_fit
+
+    users, params = read_fit(outdir, ("eta_hat", "eta_mean", "user_id"))
+    pp = Path(outdir) / "params.json"
     try:
-        params = json.loads(pp.read_text(encoding="utf-8"))
         pairs = pd.DataFrame(params["mu"])[["model_a", "model_b", "mu"]]
         prior = (float(params["eta_prior"]["a"]), float(params["eta_prior"]["b"]))
         bias = _rho_of(params.get("position_bias"))

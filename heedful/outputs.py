@@ -188,3 +188,23 @@ def write_fit(outdir: str | Path, users: pd.DataFrame, params: dict, *, inferenc
 def write_inference_data(path: str | Path, idata) -> None:
     """An arviz.InferenceData as NetCDF, atomically."""
     _atomic(Path(path), lambda tmp: idata.to_netcdf(tmp))
+
+
+def read_fit(outdir: str | Path, columns: tuple[str, ...] | list[str]) -> tuple[pd.DataFrame, dict]:
+    """OUTDIR/users.parquet (checked for ``columns``) and OUTDIR/params.json of a ``heedful fit``."""
+    outdir = Path(outdir)
+    up, pp = outdir / "users.parquet", outdir / "params.json"
+    for p in (up, pp):
+        if not p.is_file():
+            raise InputError(f"{p}: no such file; run `heedful fit VOTES -o {outdir}` first")
+    users = pd.read_parquet(up)
+    missing = [c for c in columns if c not in users.columns]
+    if missing:
+        raise InputError(f"{up}: missing column(s) {', '.join(missing)}")
+    try:
+        params = json.loads(pp.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{pp}: not valid JSON ({e})") from None
+    if not isinstance(params, dict) or not {"mu", "eta_prior"} <= set(params):
+        raise InputError(f"{pp}: not a heedful params.json (needs 'mu' and 'eta_prior')")
+    return users, params

@@ -75,22 +75,9 @@ class Report:
 # -- reading a fit -----------------------------------------------------------------------------------
 def load_outputs(outdir: str | Path) -> tuple[pd.DataFrame, dict]:
     """users.parquet and params.json of a fit, checked for the columns and keys the report reads."""
-    outdir = Path(outdir)
-    up, pp = outdir / "users.parquet", outdir / "params.json"
-    for p in (up, pp):
-        if not p.is_file():
-            raise InputError(f"{p}: no such file; run `heedful fit VOTES -o {outdir}` first")
-    users = pd.read_parquet(up)
-    missing = [c for c in USER_COLUMNS if c not in users.columns]
-    if missing:
-        raise InputError(f"{up}: missing column(s) {', '.join(missing)}")
-    try:
-        params = json.loads(pp.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{pp}: not valid JSON ({e})") from None
-    if not isinstance(params, dict) or not {"mu", "eta_prior"} <= set(params):
-        raise InputError(f"{pp}: not a heedful params.json (needs 'mu' and 'eta_prior')")
-    return users, params
+    from heedful.outputs import read_fit
+
+    return read_fit(outdir, USER_COLUMNS)
 
 
 # -- figures -------------------------------------------------------------------------------------------
