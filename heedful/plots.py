@@ -47,26 +47,27 @@ def _sampled_globals(idata) -> list[str]:
     return out
 
 
-def plot_trace(idata, path: Path) -> Path | None:
+def _plot_globals(idata, path: Path, kind: str) -> Path | None:
+    """An ArviZ trace or rank plot of the sampled globals; None when no global was sampled."""
     names = _sampled_globals(idata)
     if not names:
         return None
     az = _az()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        axes = az.plot_trace(idata, var_names=names, compact=True, figsize=(10, 2.2 * len(names)))
+        if kind == "trace":
+            axes = az.plot_trace(idata, var_names=names, compact=True, figsize=(10, 2.2 * len(names)))
+        else:
+            axes = az.plot_rank(idata, var_names=names, kind="bars")
     return _save(np.ravel(axes)[0].figure, path)
+
+
+def plot_trace(idata, path: Path) -> Path | None:
+    return _plot_globals(idata, path, "trace")
 
 
 def plot_rank(idata, path: Path) -> Path | None:
-    names = _sampled_globals(idata)
-    if not names:
-        return None
-    az = _az()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        axes = az.plot_rank(idata, var_names=names, kind="bars")
-    return _save(np.ravel(axes)[0].figure, path)
+    return _plot_globals(idata, path, "rank")
 
 
 def plot_forest(users: pd.DataFrame, path: Path, k: int = 15, level: float = 0.9) -> Path:
