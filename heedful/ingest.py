@@ -25,8 +25,11 @@ in batches.
 from __future__ import annotations
 
 import glob
+import os
 import re
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +199,8 @@ class _Batch:
     first: np.ndarray                # int64 [n]: 0 unknown, 1 picked first-shown, 2 second-shown
     gold_known: np.ndarray           # bool [n]
     gold_canon_a: np.ndarray         # bool [n]
+    user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
+    id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -389,6 +394,94 @@ def duplicate_id_error(ids: pd.Series, rows: list[int], sources: list, label: st
     return InputError(msg)
 
 
+# -- users --------------------------------------------------------------------------------------------
+@dataclass
+class UserIndex:
+    """Global user codes in order of first appearance, looked up through sorted 64-bit hashes of the ids.
+
+    Each lookup is confirmed on the ids themselves (a found code must hold an equal id, new ids must be
+    distinct); should two distinct ids ever share a hash, the index falls back to exact matching with
+    Arrow's ``index_in`` for good. Cost per batch: O(distinct ids x log users), not O(users).
+    """
+
+    chunks: list[pa.Array] = field(default_factory=list)
+    n: int = 0
+    h_sorted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    code_sorted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    exact: bool = False
+
+    @property
+    def type(self) -> pa.DataType | None:
+        return self.chunks[0].type if self.chunks else None
+
+    def values(self) -> pa.Array | None:
+        """All users' ids in code order (one array)."""
+        if not self.chunks:
+            return None
+        if len(self.chunks) > 1:
+            self.chunks = [pa.concat_arrays(self.chunks)]
+        return self.chunks[0]
+
+    def codes(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
+        """Codes of distinct ``values`` (adding the new ones, in their order); ``h``: their hash_ids."""
+        if self.chunks and values.type != self.type:
+            try:
+                values = values.cast(self.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise InputError(f"user_id holds values of type {values.type} here and {self.type} "
+                                 "elsewhere; give every file the same user_id type") from None
+            h = None
+        if self.exact:
+            return self._codes_exact(values)
+        h = hash_ids(values) if h is None else h
+        n_old = len(self.h_sorted)
+        pos = np.searchsorted(self.h_sorted, h)
+        at = np.minimum(pos, max(n_old - 1, 0))
+        found = (self.h_sorted[at] == h) if n_old else np.zeros(len(h), dtype=bool)
+        out = np.where(found, self.code_sorted[at] if n_old else 0, -1)
+        new = ~found
+        uniq = first = rank = None
+        if new.any():
+            uniq, first, inv = np.unique(h[new], return_index=True, return_inverse=True)
+            by_first = np.argsort(first, kind="stable")
+            rank = np.empty(len(uniq), np.int64)
+            rank[by_first] = np.arange(len(uniq))
+            out[new] = self.n + rank[inv.reshape(-1)]
+            fresh = values.filter(pa.array(new))
+            reps = fresh.take(pa.array(first[by_first]))
+            if not pc.all(pc.equal(reps.take(pa.array(rank[inv.reshape(-1)])), fresh)).as_py():
+                return self._collision(values)
+        if found.any() and not pc.all(pc.equal(
+                self.values().take(pa.array(out[found])), values.filter(pa.array(found)))).as_py():
+            return self._collision(values)
+        if uniq is not None:
+            self.chunks.append(reps)
+            ins = np.searchsorted(self.h_sorted, uniq)
+            self.h_sorted = np.insert(self.h_sorted, ins, uniq)
+            self.code_sorted = np.insert(self.code_sorted, ins, self.n + rank)
+            self.n += len(uniq)
+        return out
+
+    def _collision(self, values: pa.Array) -> np.ndarray:
+        self.exact = True
+        self.h_sorted, self.code_sorted = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        return self._codes_exact(values)
+
+    def _codes_exact(self, values: pa.Array) -> np.ndarray:
+        known = self.values()
+        if known is None:
+            self.chunks, self.n = [values], len(values)
+            return np.arange(len(values), dtype=np.int64)
+        idx = pc.index_in(values, value_set=known)
+        new = idx.is_null().to_numpy(zero_copy_only=False)
+        out = idx.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        if new.any():
+            out[new] = self.n + np.arange(int(new.sum()))
+            self.chunks.append(values.filter(pa.array(new)))
+            self.n += int(new.sum())
+        return out
+
+
 # -- accumulation -------------------------------------------------------------------------------------
 @dataclass
 class StatsBuilder:
@@ -396,7 +489,7 @@ class StatsBuilder:
     builders of disjoint parts of the input combine with :meth:`merge` (in input order)."""
 
     buffer_rows: int = BUFFER_ROWS
-    users: pa.Array | None = None
+    index: UserIndex = field(default_factory=UserIndex)
     pairs: dict[tuple[str, str], int] = field(default_factory=dict)
     cell_key: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     cell_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -411,32 +504,22 @@ class StatsBuilder:
 
     @property
     def n_users(self) -> int:
-        return 0 if self.users is None else len(self.users)
+        return self.index.n
 
-    def _global_users(self, values: pa.Array) -> np.ndarray:
+    @property
+    def users(self) -> pa.Array | None:
+        """Every user's id, in order of first appearance."""
+        return self.index.values()
+
+    def _global_users(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
         """Global codes (first appearance order) of a batch's distinct user values, adding the new ones."""
-        if self.users is None:
-            self.users = values
-            return np.arange(len(values), dtype=np.int64)
-        if values.type != self.users.type:
-            try:
-                values = values.cast(self.users.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise InputError(f"user_id holds values of type {values.type} here and {self.users.type} "
-                                 "elsewhere; give every file the same user_id type") from None
-        idx = pc.index_in(values, value_set=self.users)
-        new = idx.is_null().to_numpy(zero_copy_only=False)
-        out = idx.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        if new.any():
-            out[new] = self.n_users + np.arange(int(new.sum()))
-            self.users = pa.concat_arrays([self.users, values.filter(pa.array(new))])
-        return out
+        return self.index.codes(values, h)
 
     def _grow(self, arr: np.ndarray, n: int) -> np.ndarray:
         return arr if len(arr) >= n else np.concatenate([arr, np.zeros(n - len(arr), np.int64)])
 
     def add(self, b: _Batch) -> None:
-        user = self._global_users(b.user_values)[b.user]
+        user = self._global_users(b.user_values, b.user_hash)[b.user]
         pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in b.pairs], dtype=np.int64)
         pair = pmap[b.pair] if len(pmap) else b.pair
         n_users, n_pairs = self.n_users, len(self.pairs)
@@ -458,7 +541,11 @@ class StatsBuilder:
             self._fold()
 
     def _fold(self) -> None:
-        """Fold the buffered keys (and weighted keys) into the sorted unique cells."""
+        """Fold the buffered keys (and weighted keys) into the sorted unique cells.
+
+        The new plain keys are sorted once; merging them with the (sorted) cells is a stable sort of
+        sorted runs, i.e. a linear merge, so total work stays O(votes log chunk), not O(cells x folds).
+        """
         if not self.pending:
             return
         keys, counts = [self.cell_key], [self.cell_count]
@@ -474,9 +561,12 @@ class StatsBuilder:
         if plain and not weighted and not len(self.cell_key):
             self.cell_key, self.cell_count = keys[1], counts[1]
             return
-        self.cell_key, inv = np.unique(np.concatenate(keys), return_inverse=True)
-        self.cell_count = np.bincount(inv.reshape(-1), weights=np.concatenate(counts),
-                                      minlength=len(self.cell_key)).astype(np.int64)
+        key, count = np.concatenate(keys), np.concatenate(counts)
+        order = np.argsort(key, kind="stable")       # timsort: linear on the already sorted runs
+        key, count = key[order], count[order]
+        start = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
+        self.cell_key = key[start]
+        self.cell_count = np.add.reduceat(count, start).astype(np.int64) if len(key) else count
 
     def add_ids(self, col: pa.Array) -> None:
         self.id_hashes.append(hash_ids(col))
@@ -547,12 +637,49 @@ class StatsBuilder:
         """Whether two vote ids share a hash (then :func:`_vote_id_error` confirms on the ids)."""
         if not self.id_hashes:
             return False
-        h = np.sort(np.concatenate(self.id_hashes))
-        return bool((h[1:] == h[:-1]).any())
+        return has_repeats(np.concatenate(self.id_hashes))
+
+    def add_prepared(self, b: _Batch) -> None:
+        """Count a batch made by :func:`prepare_batch`."""
+        if b.id_hash is not None:
+            self.id_hashes.append(b.id_hash)
+        self.add(b)
 
 
-def add_batch(builder: StatsBuilder, batch: pa.RecordBatch, source: str, row0: int) -> None:
-    """Validate and count one batch whose first row is row ``row0 + 1`` of ``source``."""
+def has_repeats(h: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> bool:
+    """Whether any value of ``h`` (uint64 hashes) repeats: range-partitioned, each part sorted in a thread."""
+    threads = threads or worker_threads()
+    if threads <= 1 or len(h) < min_parallel:
+        s = np.sort(h)
+        return bool((s[1:] == s[:-1]).any())
+    parts = 4 * threads
+    bin_of = (h >> np.uint64(64 - 8)).astype(np.int16) * parts // 256    # top byte -> part (equal values: same part)
+    order = np.argsort(bin_of, kind="stable")                              # radix sort of a 16-bit key
+    hs = h[order]
+    bounds = np.searchsorted(bin_of[order], np.arange(parts + 1))
+
+    def repeats(i: int) -> bool:
+        s = np.sort(hs[bounds[i]:bounds[i + 1]])
+        return bool((s[1:] == s[:-1]).any())
+
+    with ThreadPoolExecutor(threads) as ex:
+        return any(ex.map(repeats, range(parts)))
+
+
+def worker_threads() -> int:
+    """Threads for reading and encoding batches: the machine's cores, at most 8 (HEEDFUL_THREADS overrides)."""
+    env = os.environ.get("HEEDFUL_THREADS")
+    if env:
+        return max(1, int(env))
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, n))
+
+
+def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
+    """Validate and encode one batch whose first row is row ``row0 + 1`` of ``source``; hash its ids.
+
+    Needs no builder state, so batches are prepared in worker threads (Arrow and numpy release the GIL).
+    """
     try:
         b = _encode_fast(batch)
     except _Fallback:
@@ -564,30 +691,51 @@ def add_batch(builder: StatsBuilder, batch: pa.RecordBatch, source: str, row0: i
         if not ok:
             _encode_pandas(batch, source, row0)        # raises validate_votes' message for a blank id
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
-        builder.add_ids(col)
-    builder.add(b)
+        b.id_hash = hash_ids(col)
+    b.user_hash = hash_ids(b.user_values)
+    return b
+
+
+def add_batch(builder: StatsBuilder, batch: pa.RecordBatch, source: str, row0: int) -> None:
+    """Validate and count one batch whose first row is row ``row0 + 1`` of ``source``."""
+    builder.add_prepared(prepare_batch(batch, source, row0))
 
 
 def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: int = CHUNK_ROWS,
-                      buffer_rows: int = BUFFER_ROWS) -> VoteStats:
+                      buffer_rows: int = BUFFER_ROWS, threads: int | None = None) -> VoteStats:
     """VoteStats of one or many vote files (a path, a folder, a glob, or a list), read in chunks.
 
     Equal to ``vote_stats(read_votes(path))`` for one file, and to the vote_stats of the files'
-    concatenation for many; raises InputError with validate_votes' one-line messages.
+    concatenation for many; raises InputError with validate_votes' one-line messages (the first bad
+    row in input order, whatever the threads). Batches are read in order, validated and encoded by
+    ``threads`` workers (default :func:`worker_threads`), and counted in input order; at most
+    ``threads + 1`` batches are in flight, so memory stays bounded by the cells plus a few chunks.
     """
     sources = expand_sources(paths)
     label = str(paths) if isinstance(paths, (str, Path)) else ", ".join(map(str, sources))
     builder = StatsBuilder(buffer_rows=buffer_rows)
+    threads = threads or worker_threads()
     rows: list[int] = []
-    for path in sources:
-        row0 = 0
-        for batch in _batches(path, chunk_rows):
-            if batch.num_rows:
-                add_batch(builder, batch, str(path), row0)
-            row0 += batch.num_rows
-        if row0 == 0 and len(sources) == 1:
-            raise InputError(f"{path}: no rows (only a header)")
-        rows.append(row0)
+    inflight: deque[Future] = deque()
+    with ThreadPoolExecutor(threads) as ex:
+        try:
+            for path in sources:
+                row0 = 0
+                for batch in _batches(path, chunk_rows):
+                    if batch.num_rows:
+                        inflight.append(ex.submit(prepare_batch, batch, str(path), row0))
+                    row0 += batch.num_rows
+                    while len(inflight) > threads:
+                        builder.add_prepared(inflight.popleft().result())
+                if row0 == 0 and len(sources) == 1:
+                    raise InputError(f"{path}: no rows (only a header)")
+                rows.append(row0)
+        except InputError:
+            while inflight:                     # an earlier batch's error comes first
+                builder.add_prepared(inflight.popleft().result())
+            raise
+        while inflight:
+            builder.add_prepared(inflight.popleft().result())
     if builder.n_rows == 0:
         raise InputError(f"{label}: no rows (only a header)")
     if builder.duplicate_ids():
@@ -597,4 +745,5 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
     return builder.result()
 
 
-__all__ = ["StatsBuilder", "add_batch", "expand_sources", "hash_ids", "shift_rows", "stream_vote_stats"]
+__all__ = ["StatsBuilder", "UserIndex", "add_batch", "expand_sources", "has_repeats", "hash_ids", "prepare_batch",
+           "shift_rows", "stream_vote_stats", "worker_threads"]

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from heedful.cli import app
 from heedful.errors import InputError
 from heedful.ingest import StatsBuilder, hash_ids, shift_rows, stream_vote_stats
+from heedful.simulate import default_pairs, simulate
 from heedful.suffstats import VoteStats, vote_stats
 from heedful.votes import read_votes
 
@@ -179,3 +180,60 @@ def test_cli_fit_streams_and_writes_the_same_fit(tmp_path, messy):
     got = pd.read_parquet(tmp_path / "out" / "users.parquet")
     want = Attentiveness().fit(read_votes(path)).users_
     pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_dtype=False, rtol=0, atol=0)
+
+
+# -- the user index, threads and the repeat check ------------------------------------------------------
+def _first_appearance_codes(batches: list[list[str]]) -> list[np.ndarray]:
+    seen: dict[str, int] = {}
+    return [np.array([seen.setdefault(v, len(seen)) for v in b]) for b in batches]
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_user_index_codes_in_order_of_first_appearance(collide):
+    from heedful.ingest import UserIndex
+    rng = np.random.default_rng(3)
+    pool = [f"user-{i}" for i in range(300)]
+    batches = [list(dict.fromkeys(rng.choice(pool, size=120).tolist())) for _ in range(6)]
+    index = UserIndex()
+    for j, (b, want) in enumerate(zip(batches, _first_appearance_codes(batches), strict=True)):
+        # collide: every id gets the same hash from the third batch on, which the index must notice
+        h = np.zeros(len(b), np.uint64) if collide and j >= 2 else None
+        np.testing.assert_array_equal(index.codes(pa.array(b), h), want)
+    assert index.exact == collide
+    assert index.values().to_pylist() == list(dict.fromkeys(v for b in batches for v in b))
+
+
+def test_threads_and_chunking_do_not_change_the_counts(tmp_path):
+    sim = simulate(700, 12, vote_counts="lognormal", tie_rate=0.05, gold_rate=0.05, pairs=default_pairs(4, 0.8), seed=5)
+    path = tmp_path / "v.parquet"
+    sim.votes.to_parquet(path)
+    one = stream_vote_stats(path, threads=1)
+    for threads, chunk in [(3, 97), (2, 1000), (4, 13)]:
+        other = stream_vote_stats(path, threads=threads, chunk_rows=chunk, buffer_rows=500)
+        assert list(other.users) == list(one.users)
+        for name in ("cell_user", "cell_kind", "cell_count", "user_ties", "pair_ties", "gold_a", "gold_n"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(one, name), err_msg=name)
+
+
+def test_the_first_bad_row_is_reported_whatever_the_threads(tmp_path):
+    sim = simulate(200, 10, seed=6)
+    v = sim.votes.astype({"choice": object})
+    v.loc[55, "choice"] = "maybe"
+    v.loc[1500, "choice"] = "never"
+    path = tmp_path / "bad.parquet"
+    v.to_parquet(path)
+    with pytest.raises(InputError, match="row 56"):
+        stream_vote_stats(path, threads=4, chunk_rows=50)
+
+
+def test_repeated_hashes_found_by_the_partitioned_check():
+    from heedful.ingest import has_repeats
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 2**63, size=50_000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    h = np.unique(h)
+    assert not has_repeats(h, threads=3, min_parallel=0)
+    for i, j in [(0, 1), (17, 40_000), (len(h) - 1, 5)]:
+        g = h.copy()
+        g[j] = g[i]
+        assert has_repeats(g, threads=3, min_parallel=0)
+        assert has_repeats(g, threads=1)
