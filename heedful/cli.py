@@ -79,6 +79,7 @@ def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: 
         else:
             from heedful.ingest import stream_vote_stats
             votes = stream_vote_stats(votes_path)
+        t_read = time.perf_counter() - t0
         bar.update(task, description=f"fitting {votes.n_rows:,} rows ({method})")
 
         def progress(it: int, obj: float) -> None:
@@ -86,6 +87,7 @@ def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: 
 
         model = Attentiveness(method=method, priors=priors, device=device, dtype=dtype, progress=progress,
                               options=options).fit(votes)
+        model.timings_ = {"read_and_count": t_read, **model.timings_}
         bar.update(task, description="writing")
         if model.inference_data_ is not None:
             write_inference_data(outdir / "posterior.nc", model.inference_data_)

@@ -101,6 +101,20 @@ def _fitter(name: str) -> Callable[[FitContext], MethodResult]:
     return f
 
 
+class _Clock:
+    """Wall time of each phase of a fit (the device synchronised at each lap, so GPU work is counted)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev, self.t, self.laps = dev, time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 class Attentiveness:
     """User behaviour model fitted to comparison-mode votes.
 
@@ -136,24 +150,30 @@ class Attentiveness:
     def fit(self, votes: pd.DataFrame | VoteStats) -> Self:
         t0 = time.perf_counter()
         dev, dt = resolve_device(self.device), resolve_dtype(self.dtype)
+        clock = _Clock(dev)
         stats = votes if isinstance(votes, VoteStats) else vote_stats(validate_votes(votes), validated=True)
         if stats.n_votes == 0:
             raise InputError("every vote is a tie: there is nothing to fit (ties are left out of the likelihood)")
         spec = global_spec(stats, self.priors)
         plan = build_plan(stats, dev, dt)
         cells = stats.tensors(dev, dt)
+        clock.lap("counts_to_device")
         options = {"profile": self.priors.profile, **self.options}
         ctx = FitContext(stats, plan, spec, cells, self.tol, self.max_iter, self.level, self.progress, options)
         result = _fitter(self.method)(ctx)
         gfit = result.fit
+        clock.lap("fit")
         post = result.posterior or user_posterior(plan, cells, gfit.a, gfit.b,
                                                   torch.as_tensor(gfit.mu, dtype=dt, device=dev), gfit.rho,
                                                   level=self.level, rho_prior=gfit.rho_prior)
+        clock.lap("posterior")
         self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
         self.inference_data_ = result.inference_data
         self.diagnostics_ = result.diagnostics
         self._plan, self._cells = plan, cells
         self._finish(time.perf_counter() - t0, dev, dt)
+        clock.lap("summaries")
+        self.timings_ = clock.laps
         return self
 
     def _finish(self, elapsed: float, dev: torch.device, dt: torch.dtype) -> None:
@@ -260,6 +280,7 @@ class Attentiveness:
             "device": str(self._device),
             "dtype": str(self._dtype).replace("torch.", ""),
             "elapsed_s": round(self.elapsed_, 3),
+            "timings_s": {k: round(v, 3) for k, v in getattr(self, "timings_", {}).items()},
             "heedful_version": __version__,
             **({"diagnostics": self.diagnostics_} if self.diagnostics_ else {}),
         }
