@@ -36,11 +36,12 @@ SIZES = {"5k": (5_000, 10), "100k": (10_000, 10), "1m": (100_000, 10), "10m": (1
 TIME = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
 
 FLOOR = r"""
-import heedful, json, sys, time
+import heedful, json, pathlib, sys, time
 import pyarrow.compute as pc, pyarrow.parquet as pq
 t = time.perf_counter()
 ids = ["user_id", "model_a", "model_b"] + (["vote_id"] if sys.argv[2] == "1" else [])
-names = pq.ParquetFile(sys.argv[1]).schema_arrow.names
+src = pathlib.Path(sys.argv[1])   # a file, or a folder of Parquet files (read as one dataset)
+names = pq.ParquetFile(src if src.is_file() else sorted(src.glob("*.parquet"))[0]).schema_arrow.names
 table = pq.read_table(sys.argv[1], columns=[c for c in ("vote_id", "user_id", "model_a", "model_b", "choice",
                                                         "shown_first", "gold") if c in names])
 enc = [pc.dictionary_encode(table[c]) for c in ids if c in names]
@@ -107,6 +108,12 @@ def run(cmd: list[str], timeout: float | None = None) -> dict:
     return {"wall_s": wall, "rss_mib": rss, **out}
 
 
+def heedful_cmd() -> list[str]:
+    """The ``heedful`` script beside this Python, or ``python -m heedful`` where it is not installed."""
+    script = shutil.which("heedful") or str(Path(sys.executable).with_name("heedful"))
+    return [script] if Path(script).exists() else [sys.executable, "-m", "heedful"]
+
+
 def data_file(root: Path, size: str) -> Path:
     users, per = SIZES[size]
     path = root / f"votes-{size}.parquet"
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
-    heedful = shutil.which("heedful") or str(Path(sys.executable).with_name("heedful"))
+    heedful = heedful_cmd()
     rows: list[dict] = []
 
     def record(name: str, size: str, res: dict, floor: float | None = None, startup: float = 0.0) -> None:
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(res)
         print(json.dumps(res), flush=True)
 
-    startup = min(run([heedful, "--help"])["wall_s"] for _ in range(3))
+    startup = min(run([*heedful, "--help"])["wall_s"] for _ in range(3))
     record("startup (heedful --help)", "-", {"wall_s": startup})
     for size in args.sizes:
         path = data_file(args.data, size)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         ingest = run([sys.executable, "-c", INGEST, str(path)])
         record("ingest (stream_vote_stats)", size, ingest, floor["inner_s"])
         for method in args.methods:
-            res = run([heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method", method,
+            res = run([*heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method", method,
                        "--device", args.device])
             params = json.loads((args.data / f"fit-{size}-{method}" / "params.json").read_text())
             res.update(rows=params["n_rows"], iterations=params["iterations"], converged=params["converged"])

@@ -1,0 +1,5 @@
+"""``python -m heedful``: the command line, for environments without the ``heedful`` script."""
+
+from heedful.cli import main
+
+main()
