@@ -123,6 +123,53 @@ def _batches(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
         raise
 
 
+@dataclass
+class _Part:
+    """A piece of one file to read and encode in a worker: ``rows`` rows starting after row ``row0``."""
+
+    path: Path
+    row0: int
+    rows: int
+    batch: pa.RecordBatch | None = None      # already read (CSV, JSON lines)
+    group: int = -1                          # else: the Parquet row group to read
+    columns: list[str] = field(default_factory=list)
+
+    def batches(self, chunk_rows: int) -> list[pa.RecordBatch]:
+        if self.batch is not None:
+            return [self.batch]
+        try:
+            table = pq.ParquetFile(self.path).read_row_group(self.group, columns=self.columns)
+        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError):
+            read_table(self.path)      # raises the reader's one-line InputError
+            raise
+        return table.combine_chunks().to_batches(max_chunksize=chunk_rows)
+
+
+def _parts(path: Path, chunk_rows: int) -> Iterator[_Part]:
+    """The parts of one file in order: Parquet row groups (read by the workers), else batches read here."""
+    if _format(path) == "parquet" and path.is_file():
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError):
+            read_table(path)
+            raise
+        names = pf.schema_arrow.names
+        _check_header(names, str(path))
+        cols = [c for c in NEEDED if c in names]
+        row0 = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if n:
+                yield _Part(path, row0, n, group=g, columns=cols)
+            row0 += n
+        return
+    row0 = 0
+    for batch in _batches(path, chunk_rows):
+        if batch.num_rows:
+            yield _Part(path, row0, batch.num_rows, batch=batch)
+        row0 += batch.num_rows
+
+
 def _csv_batches(path: Path, sep: str, chunk_rows: int) -> Iterator[pa.RecordBatch]:
     """Stream a delimited file as text columns, as heedful.votes reads it, with the same bad-row message."""
     bad: dict[str, int] = {}
@@ -200,6 +247,7 @@ class _Batch:
     gold_known: np.ndarray           # bool [n]
     gold_canon_a: np.ndarray         # bool [n]
     user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
+    user_known: np.ndarray | None = None   # global codes found in a snapshot of the user index (-1: not found)
     id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids
 
 
@@ -422,8 +470,35 @@ class UserIndex:
             self.chunks = [pa.concat_arrays(self.chunks)]
         return self.chunks[0]
 
-    def codes(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
-        """Codes of distinct ``values`` (adding the new ones, in their order); ``h``: their hash_ids."""
+    def snapshot(self) -> UserIndex:
+        """A frozen copy for lookups in another thread (the arrays are replaced, never changed, on growth)."""
+        return UserIndex([self.values()] if self.chunks else [], self.n, self.h_sorted, self.code_sorted, self.exact)
+
+    def lookup(self, values: pa.Array, h: np.ndarray) -> np.ndarray | None:
+        """Codes of the ``values`` already known (-1 for the others), confirmed on the ids; None: not usable."""
+        if self.exact or not self.n or values.type != self.type:
+            return None
+        order = np.argsort(h)
+        pos = np.empty(len(h), np.int64)
+        pos[order] = np.searchsorted(self.h_sorted, h[order])
+        at = np.minimum(pos, self.n - 1)
+        found = self.h_sorted[at] == h
+        out = np.where(found, self.code_sorted[at], -1)
+        if found.any() and not pc.all(pc.equal(self.values().take(pa.array(out[found])),
+                                               values.filter(pa.array(found)))).as_py():
+            return None
+        return out
+
+    def codes(self, values: pa.Array, h: np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
+        """Codes of distinct ``values`` (adding the new ones, in their order); ``h``: their hash_ids;
+        ``known``: codes a :meth:`snapshot` already found (-1 elsewhere), which stay valid as the index grows."""
+        if known is not None and self.chunks and values.type == self.type and not self.exact:
+            rest = known < 0
+            if not rest.any():
+                return known
+            out = known.copy()
+            out[rest] = self.codes(values.filter(pa.array(rest)), h[rest])
+            return out
         if self.chunks and values.type != self.type:
             try:
                 values = values.cast(self.type)
@@ -435,7 +510,9 @@ class UserIndex:
             return self._codes_exact(values)
         h = hash_ids(values) if h is None else h
         n_old = len(self.h_sorted)
-        pos = np.searchsorted(self.h_sorted, h)
+        order = np.argsort(h)                  # sorted needles: searchsorted walks the table once, cache-friendly
+        pos = np.empty(len(h), np.int64)
+        pos[order] = np.searchsorted(self.h_sorted, h[order])
         at = np.minimum(pos, max(n_old - 1, 0))
         found = (self.h_sorted[at] == h) if n_old else np.zeros(len(h), dtype=bool)
         out = np.where(found, self.code_sorted[at] if n_old else 0, -1)
@@ -511,15 +588,16 @@ class StatsBuilder:
         """Every user's id, in order of first appearance."""
         return self.index.values()
 
-    def _global_users(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
+    def _global_users(self, values: pa.Array, h: np.ndarray | None = None,
+                      known: np.ndarray | None = None) -> np.ndarray:
         """Global codes (first appearance order) of a batch's distinct user values, adding the new ones."""
-        return self.index.codes(values, h)
+        return self.index.codes(values, h, known)
 
     def _grow(self, arr: np.ndarray, n: int) -> np.ndarray:
         return arr if len(arr) >= n else np.concatenate([arr, np.zeros(n - len(arr), np.int64)])
 
     def add(self, b: _Batch) -> None:
-        user = self._global_users(b.user_values, b.user_hash)[b.user]
+        user = self._global_users(b.user_values, b.user_hash, b.user_known)[b.user]
         pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in b.pairs], dtype=np.int64)
         pair = pmap[b.pair] if len(pmap) else b.pair
         n_users, n_pairs = self.n_users, len(self.pairs)
@@ -551,9 +629,9 @@ class StatsBuilder:
         keys, counts = [self.cell_key], [self.cell_count]
         plain = [k for k, w in self.pending if w is None]
         if plain:
-            k, c = np.unique(np.concatenate(plain), return_counts=True)
+            k, c = unique_counts(np.concatenate(plain))
             keys.append(k)
-            counts.append(c.astype(np.int64))
+            counts.append(c)
         weighted = [(k, w) for k, w in self.pending if w is not None]
         keys += [k for k, _ in weighted]
         counts += [w for _, w in weighted]
@@ -646,24 +724,43 @@ class StatsBuilder:
         self.add(b)
 
 
-def has_repeats(h: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> bool:
-    """Whether any value of ``h`` (uint64 hashes) repeats: range-partitioned, each part sorted in a thread."""
-    threads = threads or worker_threads()
-    if threads <= 1 or len(h) < min_parallel:
-        s = np.sort(h)
-        return bool((s[1:] == s[:-1]).any())
-    parts = 4 * threads
-    bin_of = (h >> np.uint64(64 - 8)).astype(np.int16) * parts // 256    # top byte -> part (equal values: same part)
-    order = np.argsort(bin_of, kind="stable")                              # radix sort of a 16-bit key
-    hs = h[order]
-    bounds = np.searchsorted(bin_of[order], np.arange(parts + 1))
+def _sort_parallel(x: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> np.ndarray:
+    """np.sort of non-negative int64 (or uint64) values: split by value range, parts sorted in threads.
 
-    def repeats(i: int) -> bool:
-        s = np.sort(hs[bounds[i]:bounds[i + 1]])
-        return bool((s[1:] == s[:-1]).any())
+    The split costs about what one thread gains, so it is used from 4 threads on."""
+    threads = threads or worker_threads()
+    if threads < 4 or len(x) < min_parallel:
+        return np.sort(x)
+    top = int(x.max()).bit_length()
+    shift = type(x[0])(max(top - 8, 0))
+    bins = (x >> shift).astype(np.int16)                    # the top 8 bits: 256 ranges, in value order
+    order = np.argsort(bins, kind="stable")                 # radix sort of a 16-bit key
+    xs = x[order]
+    bounds = np.searchsorted(bins[order], np.arange(257))
+    out = np.empty_like(x)
+
+    def sort_range(i: int) -> None:
+        out[bounds[i]:bounds[i + 1]] = np.sort(xs[bounds[i]:bounds[i + 1]])
 
     with ThreadPoolExecutor(threads) as ex:
-        return any(ex.map(repeats, range(parts)))
+        list(ex.map(sort_range, range(256)))
+    return out
+
+
+def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> tuple[np.ndarray,
+                                                                                                        np.ndarray]:
+    """np.unique(keys, return_counts=True) for non-negative int64 keys, sorting in threads."""
+    s = _sort_parallel(keys, threads, min_parallel)
+    if not len(s):
+        return s, np.zeros(0, np.int64)
+    start = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+    return s[start], np.diff(np.append(start, len(s))).astype(np.int64)
+
+
+def has_repeats(h: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> bool:
+    """Whether any value of ``h`` (uint64 hashes) repeats (sorted by value range in threads)."""
+    s = _sort_parallel(h, threads, min_parallel)
+    return bool((s[1:] == s[:-1]).any())
 
 
 def worker_threads() -> int:
@@ -675,7 +772,7 @@ def worker_threads() -> int:
     return max(1, min(8, n))
 
 
-def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
+def prepare_batch(batch: pa.RecordBatch, source: str, row0: int, users: UserIndex | None = None) -> _Batch:
     """Validate and encode one batch whose first row is row ``row0 + 1`` of ``source``; hash its ids.
 
     Needs no builder state, so batches are prepared in worker threads (Arrow and numpy release the GIL).
@@ -693,7 +790,19 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
         b.id_hash = hash_ids(col)
     b.user_hash = hash_ids(b.user_values)
+    if users is not None:
+        b.user_known = users.lookup(b.user_values, b.user_hash)
     return b
+
+
+def _prepare_part(part: _Part, chunk_rows: int, users: UserIndex | None) -> list[_Batch]:
+    """Read (Parquet row groups) and prepare one part's batches, in a worker thread."""
+    out, row0 = [], part.row0
+    for batch in part.batches(chunk_rows):
+        if batch.num_rows:
+            out.append(prepare_batch(batch, str(part.path), row0, users))
+        row0 += batch.num_rows
+    return out
 
 
 def add_batch(builder: StatsBuilder, batch: pa.RecordBatch, source: str, row0: int) -> None:
@@ -717,25 +826,29 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
     threads = threads or worker_threads()
     rows: list[int] = []
     inflight: deque[Future] = deque()
+
+    def count(fut: Future) -> None:
+        for b in fut.result():
+            builder.add_prepared(b)
+
     with ThreadPoolExecutor(threads) as ex:
         try:
             for path in sources:
-                row0 = 0
-                for batch in _batches(path, chunk_rows):
-                    if batch.num_rows:
-                        inflight.append(ex.submit(prepare_batch, batch, str(path), row0))
-                    row0 += batch.num_rows
+                rows.append(0)
+                for part in _parts(path, chunk_rows):
+                    snap = builder.index.snapshot() if builder.n_users else None
+                    inflight.append(ex.submit(_prepare_part, part, chunk_rows, snap))
+                    rows[-1] = part.row0 + part.rows
                     while len(inflight) > threads:
-                        builder.add_prepared(inflight.popleft().result())
-                if row0 == 0 and len(sources) == 1:
+                        count(inflight.popleft())
+                if rows[-1] == 0 and len(sources) == 1:
                     raise InputError(f"{path}: no rows (only a header)")
-                rows.append(row0)
         except InputError:
-            while inflight:                     # an earlier batch's error comes first
-                builder.add_prepared(inflight.popleft().result())
+            while inflight:                     # an earlier part's error comes first
+                count(inflight.popleft())
             raise
         while inflight:
-            builder.add_prepared(inflight.popleft().result())
+            count(inflight.popleft())
     if builder.n_rows == 0:
         raise InputError(f"{label}: no rows (only a header)")
     if builder.duplicate_ids():
@@ -746,4 +859,4 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
 
 
 __all__ = ["StatsBuilder", "UserIndex", "add_batch", "expand_sources", "has_repeats", "hash_ids", "prepare_batch",
-           "shift_rows", "stream_vote_stats", "worker_threads"]
+           "shift_rows", "stream_vote_stats", "unique_counts", "worker_threads"]

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -206,8 +207,10 @@ def test_user_index_codes_in_order_of_first_appearance(collide):
 def test_threads_and_chunking_do_not_change_the_counts(tmp_path):
     sim = simulate(700, 12, vote_counts="lognormal", tie_rate=0.05, gold_rate=0.05, pairs=default_pairs(4, 0.8), seed=5)
     path = tmp_path / "v.parquet"
-    sim.votes.to_parquet(path)
+    pq.write_table(pa.Table.from_pandas(sim.votes, preserve_index=False), path, row_group_size=700)  # many groups
+    assert pq.ParquetFile(path).num_row_groups > 5
     one = stream_vote_stats(path, threads=1)
+    np.testing.assert_array_equal(one.cell_count, vote_stats(sim.votes).cell_count)
     for threads, chunk in [(3, 97), (2, 1000), (4, 13)]:
         other = stream_vote_stats(path, threads=threads, chunk_rows=chunk, buffer_rows=500)
         assert list(other.users) == list(one.users)
@@ -231,9 +234,20 @@ def test_repeated_hashes_found_by_the_partitioned_check():
     rng = np.random.default_rng(0)
     h = rng.integers(0, 2**63, size=50_000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     h = np.unique(h)
-    assert not has_repeats(h, threads=3, min_parallel=0)
+    assert not has_repeats(h, threads=4, min_parallel=0)
     for i, j in [(0, 1), (17, 40_000), (len(h) - 1, 5)]:
         g = h.copy()
         g[j] = g[i]
-        assert has_repeats(g, threads=3, min_parallel=0)
+        assert has_repeats(g, threads=4, min_parallel=0)
         assert has_repeats(g, threads=1)
+
+
+def test_threaded_unique_counts_equal_numpy():
+    from heedful.ingest import unique_counts
+    rng = np.random.default_rng(1)
+    keys = (rng.integers(0, 5_000, 200_000) << 32) | rng.integers(0, 400, 200_000)
+    for threads in (1, 4):
+        u, c = unique_counts(keys, threads=threads, min_parallel=0)
+        u2, c2 = np.unique(keys, return_counts=True)
+        np.testing.assert_array_equal(u, u2)
+        np.testing.assert_array_equal(c, c2)
