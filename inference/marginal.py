@@ -4,7 +4,7 @@
 
 over theta (log a, log b, logit rho, logit mu or strengths) with torch autograd gradients and
 scipy's L-BFGS-B; the covariance of theta is the inverse
-Hessian of the negative objective at the optimum (central differences of the exact gradient).
+Hessian of the negative objective at the optimum (forward differences of the exact gradient).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         th = th.detach().clone().requires_grad_(True)
         return torch.autograd.grad(-objective(plan, spec, th), th)[0]
 
-    H = hessian_fd(grad, theta) if spec.n_free and curvature else np.zeros((0, 0))
+    H = hessian_fd(grad, theta, 1e-6, central=False) if spec.n_free and curvature else np.zeros((0, 0))
     cov, w = covariance(H, spec.theta_names(stats.pair_labels()))
     warnings += w
     if float(a) < 0.05 or float(b) < 0.05 or float(a + b) > 1e4:

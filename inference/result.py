@@ -35,14 +35,22 @@ class GlobalFit:
     profiles: dict[int, dict] = field(default_factory=dict)   # pair index -> profile likelihood of its mu
 
 
-def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, step: float = 1e-5) -> np.ndarray:
-    """Symmetrised central differences of an exact gradient: H_ij = d g_i / d theta_j."""
+def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, step: float = 1e-5,
+               central: bool = True) -> np.ndarray:
+    """Symmetrised finite differences of an exact gradient: H_ij = d g_i / d theta_j.
+
+    ``central``: (g(theta + h e_j) - g(theta - h e_j)) / 2h, error O(h^2), 2n gradients; else forward
+    differences (g(theta + h e_j) - g(theta)) / h, error O(h), n + 1 gradients (use h ~ 1e-6: about 1e-6
+    relative in H, far below what an interval needs).
+    """
     n = theta.numel()
     H = np.zeros((n, n))
+    g0 = None if central else grad_fn(theta)
     for j in range(n):
         e = torch.zeros_like(theta)
         e[j] = step
-        H[:, j] = ((grad_fn(theta + e) - grad_fn(theta - e)) / (2 * step)).detach().cpu().numpy()
+        lower = grad_fn(theta - e) if central else g0
+        H[:, j] = ((grad_fn(theta + e) - lower) / ((2 if central else 1) * step)).detach().cpu().numpy()
     return 0.5 * (H + H.T)
 
 
