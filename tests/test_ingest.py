@@ -251,3 +251,13 @@ def test_threaded_unique_counts_equal_numpy():
         u2, c2 = np.unique(keys, return_counts=True)
         np.testing.assert_array_equal(u, u2)
         np.testing.assert_array_equal(c, c2)
+
+
+def test_an_id_hashes_the_same_in_every_batch():
+    ids = ["", "a", "ab", "abcdefgh", "abcdefghi", "é", "abcdefgh\x00", "x" * 40, "x" * 41, "u0001234"]
+    col = pa.array(ids, type=pa.string())
+    h = hash_ids(col)
+    assert len(set(h.tolist())) == len(ids)
+    for i in range(len(ids)):       # alone, at the start or end of a slice, and as large_string
+        assert hash_ids(col.slice(i, 1))[0] == h[i]
+        assert hash_ids(pa.array(ids[i:] + ["z" * 50], type=pa.large_string()))[0] == h[i]
