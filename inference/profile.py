@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from scipy import stats as sstats
+from scipy import special
 
 from heedful.inference.globals import GlobalSpec
 from heedful.inference.result import GlobalFit
@@ -24,7 +24,7 @@ STEP, EDGE, BISECT = 0.5, 9.0, 5
 
 
 def _log_beta(x: float, a: float, b: float) -> float:
-    return float(sstats.beta.logpdf(x, a, b))
+    return float(special.xlogy(a - 1, x) + special.xlog1py(b - 1, -x) - special.betaln(a, b))
 
 
 def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: GlobalFit, p: int,
@@ -32,7 +32,7 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
     """Profile of mu_p: {"mu": [...], "objective": [...], "lo": float, "hi": float} (sorted by mu)."""
     from heedful.inference.marginal import fit_marginal  # marginal uses this module's caller
 
-    drop = float(sstats.chi2.ppf(level, 1)) / 2
+    drop = float(special.ndtri(0.5 + level / 2)) ** 2 / 2     # chi2(1) quantile / 2
     t_hat = float(np.clip(np.log(fit.mu[p]) - np.log1p(-fit.mu[p]), -EDGE, EDGE))
     has_prior = spec.mu_source[p] == "prior"
 

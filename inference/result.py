@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats as sstats
+from scipy import special
 
 from heedful.inference.globals import GlobalSpec
 
@@ -75,7 +75,7 @@ def global_intervals(fit: GlobalFit, level: float = 0.90) -> dict:
 
 def _global_intervals(fit: GlobalFit, level: float) -> dict:
     spec = fit.spec
-    z = float(sstats.norm.ppf(0.5 + level / 2))
+    z = float(special.ndtri(0.5 + level / 2))
     sd = np.sqrt(np.clip(np.diag(fit.cov), 0, None)) if fit.cov is not None else np.full(len(fit.theta), np.nan)
     out: dict = {"mu": [], "eta_prior": {}}
     i = 0
