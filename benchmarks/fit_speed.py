@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=Path("/tmp/heedful-bench"))
     p.add_argument("--crowdkit-python", default=None, help="a Python with crowd-kit installed (skipped if none)")
     p.add_argument("--peer-votes", type=int, default=100_000)
-    p.add_argument("--extra", nargs="*", default=["svi", "nuts"], help="methods run at 1M users (svi) / 5k (nuts)")
+    p.add_argument("--extra", nargs="*", default=[], help="also these methods: svi (at 1M users), nuts (5k users)")
     p.add_argument("--device", default="auto", help="passed to heedful fit (cuda: the GPU path; 100m for its target)")
     p.add_argument("--extra-timeout", type=float, default=1200.0, help="seconds allowed to svi / nuts")
     p.add_argument("--json", type=Path, default=None)
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             res = run([*heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method", method,
                        "--device", args.device])
             params = json.loads((args.data / f"fit-{size}-{method}" / "params.json").read_text())
-            res.update(rows=params["n_rows"], iterations=params["iterations"], converged=params["converged"])
+            res.update(rows=params["n_rows"], iterations=params["iterations"], converged=params["converged"],
+                       timings_s=params.get("timings_s"))
             record(f"heedful fit --method {method}", size, res, floor["inner_s"], startup)
     import importlib.util
     for method, size in (("svi", "10m"), ("nuts", "5k")):     # SVI at 1M users, NUTS at 5k users
@@ -191,6 +192,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {rss:.0f} | "
               f"{r.get('votes_per_s', float('nan')):,.0f} | {'' if fl is None else format(fl, '.2f')} | "
               f"{'' if ra is None else format(ra, '.1f')} | {r['load']} |")
+    phased = [r for r in rows if r.get("timings_s")]
+    if phased:
+        names = list(dict.fromkeys(k for r in phased for k in r["timings_s"]))
+        print("\n| fit | votes | " + " | ".join(names) + " | rest (imports, writing) |")
+        print("|---|---|" + "---|" * (len(names) + 1))
+        for r in phased:
+            t = r["timings_s"]
+            rest = r["wall_s"] - startup - sum(t.values())
+            print(f"| {r['name']} | {r['size']} | " + " | ".join(f"{t.get(k, 0):.2f}" for k in names)
+                  + f" | {rest:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
 
