@@ -1,17 +1,40 @@
-"""The EM algorithm of the paper: MAP of every eta_u and of the free mu's, z as the missing data.
+"""The EM fit of the paper: the joint MAP of every eta_u and of the free mu's (and rho), z as missing data.
 
-Objective (never decreases):  sum_cells count log(c + eta_u (m - c)) + sum_u log Beta(eta_u; a, b)
-                              + gold term + log-priors,
-with m, c the attentive and casual probabilities of the cell's kind (see :mod:`heedful.suffstats`).
-E-step, per cell: r = eta m / (c + eta (m - c)) = P(attentive | the pick).
-M-step:  eta_u = (sum_cells count r + a - 1) / (n_u + a + b - 2)
-         mu_p  = (A_p + gold_a + alpha - 1) / (A_p + B_p + gold_n + alpha + beta - 2),
-                 A_p, B_p = attentive picks of canonical A / B on votes without a gold label
-         rho   = casual picks of the first-shown answer / casual votes with a known order.
-The population prior (a, b) stays fixed (a, b >= 1 so that the MAP exists).
+Objective (never decreases):  F = sum_cells n log q + sum_u log Beta(eta_u; a, b) + gold term + log-priors,
+q = c + eta_u (m - c), with m, c the attentive and casual probabilities of the cell's kind (see
+:mod:`heedful.suffstats`). The population prior (a, b) stays fixed (a, b >= 1 so that the MAP exists).
+
+Plain EM (``solver="em"``), one iteration = one E-step and one M-step:
+  E-step, per cell: r = eta m / q = P(attentive | the pick).
+  M-step:  eta_u = (sum_cells n r + a - 1) / (n_u + a + b - 2)
+           mu_p  = (A_p + gold_a + alpha - 1) / (A_p + B_p + gold_n + alpha + beta - 2),
+                   A_p, B_p = attentive picks of canonical A / B on votes without a gold label
+           rho   = casual picks of the first-shown answer / casual votes with a known order.
+It converges linearly, slowly where eta and mu trade off (hundreds to thousands of iterations).
+
+Profile Newton (``solver="newton"``, the default) reaches the same fixed point: EM's M-step clamps
+eta to [0, 1 - 1e-12] and mu, rho to [1e-9, 1 - 1e-9], and its fixed points are the stationary points
+of F on that box. With theta = (free mu's, rho) and d = m - c:
+  inner, per user: eta_u*(theta) = argmax f_u on [0, 1 - 1e-12],
+      f_u(eta) = sum_cells n log q + (a-1) log eta + (b-1) log(1-eta)   (concave),
+      by Newton on f_u' = sum n d/q + (a-1)/eta - (b-1)/(1-eta) for all users at once, inside a bracket
+      (bisection when a step leaves it or does not halve), on a box end when f_u' points out of the box;
+  outer: G(theta) = F(eta*(theta), theta). With V_u = d2F / d eta_u d theta, w_u = 1 / -f_u'' (0 on a box
+      end) and r_u = w_u f_u' (the Newton step user u has left; r = 0 at eta*):
+        dG/dtheta = F_theta + V^T r,   d2G/dtheta2 = F_theta,theta + V^T diag(w) V   (envelope theorem);
+      projected Newton on the box (a bound is active where the gradient points out; the eigenvalues of
+      -d2G made positive), a backtracking line search that accepts only F_new >= F + 1e-4 dG . step,
+      and the next eta solve starts from eta + r + w V step.
+One iteration = one eta solve (a few vectorised passes over the cells, to Newton steps below LOOSE_XTOL)
+and one accepted theta step; iteration 1 solves for eta at the starting theta only. Converged when the
+Newton step in theta predicts a gain below ``tol * max(1, |F|)``, or a full step gained less; a last eta
+solve to Newton steps below 1e-11 then adds one more value to the trace. Per-user rho_u
+(``spec.rho_user``) is fitted by plain EM.
 """
 
 from __future__ import annotations
+
+import warnings as _warnings
 
 import numpy as np
 import torch
@@ -23,6 +46,13 @@ from heedful.model.likelihood import QuadraturePlan, casual_prob, gold_loglik, l
 from heedful.suffstats import VoteStats
 
 EM_DEFAULT_PRIOR = (1.0, 1.0)
+SOLVERS = ("auto", "newton", "em")
+INNER_PASSES = 100          # at most this many Newton passes per eta solve
+LOOSE_XTOL = 1e-5           # Newton step that ends an eta solve before the last one
+LINE_SEARCH_STEPS = 30      # halvings of the theta step before giving up
+ARMIJO = 1e-4
+DENSE_SCHUR_COLS = 256      # V^T W V by dense user chunks up to this many theta's, by a sparse product beyond
+SCHUR_CHUNK = 1 << 19       # entries of one dense user block
 
 
 def em_objective(eta: torch.Tensor, g: Globals, spec: GlobalSpec, plan: QuadraturePlan,
@@ -39,12 +69,21 @@ def em_objective(eta: torch.Tensor, g: Globals, spec: GlobalSpec, plan: Quadratu
     return ll + lp + spec.log_prior(torch.zeros(0, dtype=eta.dtype), g._replace(rho=None))
 
 
+Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, int, bool]   # eta, mu, rho, F, it, conv
+
+
 def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor], *,
            tol: float = 1e-9, max_iter: int = 500, progress: ProgressFn | None = None,
-           trace: list[float] | None = None) -> GlobalFit:
-    """Run EM to a relative change of the objective below ``tol``; ``trace`` collects every objective value."""
+           trace: list[float] | None = None, solver: str = "auto") -> GlobalFit:
+    """The joint MAP to a relative objective change below ``tol``; ``trace`` collects every objective value.
+
+    ``solver``: ``"newton"`` (profile Newton, see the module docstring; ``"auto"`` picks it unless rho is
+    per user) or ``"em"`` (plain EM). ``max_iter`` caps the iterations of either.
+    """
     if spec.strengths:
         raise InputError("--method em fits one mu per pair; for [generators] mu = \"strengths\" use --method marginal")
+    if solver not in SOLVERS:
+        raise InputError(f"em solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
     warnings: list[str] = []
     if spec.eta_fixed is None:
         a, b = EM_DEFAULT_PRIOR
@@ -56,12 +95,6 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             raise InputError(f"--method em needs an eta prior with a, b >= 1 (the MAP of eta is at 0 or 1 "
                              f"otherwise); got Beta({a:g}, {b:g}); use --method marginal")
     dt, dev = plan.dtype, plan.device
-    cu, kind, cnt = cells["cell_user"], cells["cell_kind"], cells["count"]
-    kinds = plan.kinds
-    first = kinds.first[kind]
-    U, P = stats.n_users, stats.n_pairs
-    n_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt)
-    at, bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
     mu = torch.as_tensor(initial_mu(stats, spec), dtype=dt, device=dev)
     rho = None if not spec.position else torch.tensor(spec.rho_fixed or 0.5, dtype=dt, device=dev)
     rho_prior = None
@@ -71,8 +104,58 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             warnings.append("em keeps the per-user rho prior fixed; used Beta(1, 1) (--method marginal learns it)")
         if ra < 1 or rb < 1:
             raise InputError(f"--method em needs a per-user rho prior with a, b >= 1; got Beta({ra:g}, {rb:g})")
-        rho = torch.full((U,), 0.5, dtype=dt, device=dev)
+        rho = torch.full((stats.n_users,), 0.5, dtype=dt, device=dev)
         rho_prior = (torch.tensor(ra, dtype=dt, device=dev), torch.tensor(rb, dtype=dt, device=dev))
+    if solver == "em" or spec.rho_user:
+        eta, mu, rho, obj, it, converged = _plain_em(stats, plan, spec, cells, a, b, mu, rho, rho_prior,
+                                                     tol, max_iter, progress, trace)
+    else:
+        eta, mu, rho, obj, it, converged = _Profile(stats, plan, spec, cells, a, b).run(
+            mu, rho, tol, max_iter, progress, trace)
+    if not converged:
+        warnings.append(f"EM stopped after {it} iterations without converging (tol {tol:g})")
+    # curvature of the marginal likelihood in the free mu's (and rho) at EM's estimates, (a, b) held fixed
+    if spec.rho_user:   # curvature in mu only; the per-user rho_u stay at their EM values' prior
+        mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
+                             position=True, rho_user=True, rho_user_fixed=(float(rho_prior[0]), float(rho_prior[1])))
+        rho_f = None
+    else:
+        mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
+                             position=spec.position, rho_fixed=spec.rho_fixed, rho_prior=spec.rho_prior)
+        rho_f = None if rho is None else float(rho)
+    theta = mu_spec.pack(a, b, mu.cpu().numpy(), rho_f, dt, dev)
+
+    def grad(th: torch.Tensor) -> torch.Tensor:
+        th = th.detach().clone().requires_grad_(True)
+        gl = mu_spec.unpack(th)
+        return torch.autograd.grad(-(log_marginal(plan, *gl) + mu_spec.log_prior(th, gl)), th)[0]
+
+    H = hessian_fd(grad, theta) if theta.numel() else np.zeros((0, 0))
+    cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
+    if w:
+        warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "
+                        "(EM overstates mu when users have few votes); --method marginal gives intervals")
+    with torch.no_grad():
+        ll = float(log_marginal(plan, *mu_spec.unpack(theta)[:2], mu, None if spec.rho_user else rho,
+                                rho_prior))
+    return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=rho_f, theta=theta.cpu().numpy(), cov=cov,
+                     objective=obj, log_likelihood=ll, iterations=it, converged=converged, warnings=warnings,
+                     eta_map=eta.cpu().numpy(), spec=mu_spec,
+                     rho_prior=None if rho_prior is None else (float(rho_prior[0]), float(rho_prior[1])))
+
+
+def _plain_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor],
+              a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
+              rho_prior: tuple[torch.Tensor, torch.Tensor] | None, tol: float, max_iter: int,
+              progress: ProgressFn | None, trace: list[float] | None) -> Solution:
+    """EM iterations from eta = 1/2 until the relative change of F is below ``tol``."""
+    dt, dev = plan.dtype, plan.device
+    cu, kind, cnt = cells["cell_user"], cells["cell_kind"], cells["count"]
+    kinds = plan.kinds
+    first = kinds.first[kind]
+    U, P = stats.n_users, stats.n_pairs
+    n_user = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cnt)
+    at, bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
     eta = torch.full((U,), 0.5, dtype=dt, device=dev)
     free = torch.as_tensor(spec.free_mu, device=dev)
     al = torch.as_tensor(spec.mu_alpha, dtype=dt, device=dev)
@@ -145,33 +228,384 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             converged = True
             break
         prev = obj
-    if not converged:
-        warnings.append(f"EM stopped after {it} iterations without converging (tol {tol:g})")
-    # curvature of the marginal likelihood in the free mu's (and rho) at EM's estimates, (a, b) held fixed
-    if spec.rho_user:   # curvature in mu only; the per-user rho_u stay at their EM values' prior
-        mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
-                             position=True, rho_user=True, rho_user_fixed=(float(rho_prior[0]), float(rho_prior[1])))
-        rho_f = None
-    else:
-        mu_spec = GlobalSpec(spec.n_pairs, (a, b), spec.mu_known, spec.mu_alpha, spec.mu_beta, spec.mu_source,
-                             position=spec.position, rho_fixed=spec.rho_fixed, rho_prior=spec.rho_prior)
-        rho_f = None if rho is None else float(rho)
-    theta = mu_spec.pack(a, b, mu.cpu().numpy(), rho_f, dt, dev)
+    return eta, mu, rho, obj, it, converged
 
-    def grad(th: torch.Tensor) -> torch.Tensor:
-        th = th.detach().clone().requires_grad_(True)
-        gl = mu_spec.unpack(th)
-        return torch.autograd.grad(-(log_marginal(plan, *gl) + mu_spec.log_prior(th, gl)), th)[0]
 
-    H = hessian_fd(grad, theta) if theta.numel() else np.zeros((0, 0))
-    cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
-    if w:
-        warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "
-                        "(EM overstates mu when users have few votes); --method marginal gives intervals")
-    with torch.no_grad():
-        ll = float(log_marginal(plan, *mu_spec.unpack(theta)[:2], mu, None if spec.rho_user else rho,
-                                rho_prior))
-    return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=rho_f, theta=theta.cpu().numpy(), cov=cov,
-                     objective=obj, log_likelihood=ll, iterations=it, converged=converged, warnings=warnings,
-                     eta_map=eta.cpu().numpy(), spec=mu_spec,
-                     rho_prior=None if rho_prior is None else (float(rho_prior[0]), float(rho_prior[1])))
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with _warnings.catch_warnings():
+        _warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+
+
+def _crow(rows: torch.Tensor, n_rows: int, index: torch.dtype) -> torch.Tensor:
+    """CSR row pointers of row indices sorted ascending."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(index)
+
+
+def _take(mask: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The elements of every x where mask holds (one nonzero for all)."""
+    idx = torch.nonzero(mask).flatten()
+    return tuple(x.index_select(0, idx) for x in xs)
+
+
+class _Profile:
+    """Profile Newton for the joint MAP (module docstring) on the cells sorted by (user, kind).
+
+    Sums over cells go through CSR matrices with the counts as values (per user, per (user, free pair)
+    entry) and bincount (per kind); the per-cell buffers are reused, and once few users are left, Newton
+    passes run over those users' cells only.
+    """
+
+    def __init__(self, stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor],
+                 a: float, b: float) -> None:
+        dt, dev = plan.dtype, plan.device
+        self.plan, self.spec, self.a, self.b, self.dt, self.dev = plan, spec, a, b, dt, dev
+        kinds = plan.kinds
+        U, P, K = stats.n_users, stats.n_pairs, kinds.pair.shape[0]
+        cu, kind, cnt = cells["cell_user"], cells["cell_kind"], cells["count"]
+        key = cu * K + kind
+        if key.numel() > 1 and bool((key[1:] < key[:-1]).any()):
+            order = torch.argsort(key, stable=True)
+            cu, kind, cnt = cu[order], kind[order], cnt[order]
+        del key
+        C = cu.shape[0]
+        index = torch.int32 if max(C, U * max(P, 1)) < 2**31 - 1 else torch.int64
+        self.U, self.P, self.C, self.index = U, P, C, index
+        self.kind, self.cnt = kind.to(index), cnt
+        self.cu = cu.to(index)
+        eps = torch.finfo(dt).eps
+        self.ub = float(torch.tensor(1 - max(1e-12, 2 * eps), dtype=dt))          # EM's eta clamp
+        self.th_lo, self.th_hi = max(1e-9, 2 * eps), 1 - max(1e-9, 2 * eps)      # EM's mu, rho clamp
+        self.xtol = max(1e-11, 1e3 * eps)
+        self.crow = _crow(cu, U, torch.int64)
+        self.by_user = _csr(self.crow.to(index), torch.arange(C, device=dev, dtype=index), cnt, (U, C))
+        # d m / d mu and d c / d rho per kind: +-1, 0 where a gold label fixes m or the order is unknown
+        self.s_m = torch.where(kinds.gold == 0, torch.where(kinds.pick_a, 1.0, -1.0), 0.0).to(dt)
+        self.s_c = torch.where(kinds.first == 1, 1.0, torch.where(kinds.first == 2, -1.0, 0.0)).to(dt)
+        # theta = (free mu's, rho): the columns of V; entries = runs of cells with the same (user, free pair)
+        self.free = np.flatnonzero(spec.free_mu)
+        nf = len(self.free)
+        self.learn_rho = spec.learn_rho
+        self.D = D = nf + int(self.learn_rho)
+        col_of_pair = torch.full((P,), -1, dtype=torch.int64, device=dev)
+        col_of_pair[torch.as_tensor(self.free, device=dev, dtype=torch.int64)] = torch.arange(nf, device=dev)
+        pair = kinds.pair[kind]
+        fc = None if nf == P else torch.nonzero(col_of_pair[pair] >= 0).flatten()
+        cu_f, pair_f = (cu, pair) if fc is None else (cu[fc], pair[fc])
+        ekey = cu_f * P + pair_f
+        start = torch.ones(ekey.shape[0], dtype=torch.bool, device=dev)
+        torch.ne(ekey[1:], ekey[:-1], out=start[1:])
+        del ekey
+        first = torch.nonzero(start).flatten()
+        self.E = E = first.shape[0]
+        n_sm = cnt * self.s_m[kind]
+        self.by_entry = _csr(torch.cat([first, first.new_full((1,), start.shape[0])]).to(index),
+                             torch.arange(C, device=dev, dtype=index) if fc is None else fc.to(index),
+                             n_sm if fc is None else n_sm[fc], (E, C))
+        del start, n_sm, pair
+        self.entry_user = cu_f[first]
+        self.entry_col = col_of_pair[pair_f[first]]
+        del cu_f, pair_f, first
+        self.crow_ue = _crow(self.entry_user, U, torch.int64)
+        self.entry_col_i = self.entry_col.to(index)
+        if D > DENSE_SCHUR_COLS:
+            t_order = torch.argsort(self.entry_col * U + self.entry_user)
+            self.t_order = t_order
+            self.t_index = torch.stack([self.entry_col[t_order], self.entry_user[t_order]])
+        else:   # blocks of `rows` users, [rows, D] dense, at most SCHUR_CHUNK entries
+            rows = max(1, SCHUR_CHUNK // max(D, 1))
+            bounds = list(range(0, U, rows)) + [U]
+            ce = self.crow_ue[bounds].tolist()
+            self.chunks = list(zip(bounds[:-1], bounds[1:], ce[:-1], ce[1:], strict=True))
+            self.entry_local = (self.entry_user % rows) * D + self.entry_col   # position in its block
+            self.schur_buf = torch.zeros(min(U, rows) * max(D, 1), dtype=dt, device=dev)
+        n_buf = 7 if self.learn_rho else 6
+        self.b_c, self.b_d, self.b_e, self.b_q, self.b_r, self.b_t, *rest = (
+            torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))
+        self.b_u = rest[0] if rest else None
+        gold_a, gold_n = plan.gold_a.cpu().double().numpy(), plan.gold_n.cpu().double().numpy()
+        self.gold_terms = (gold_a + spec.mu_alpha - 1, gold_n - gold_a + spec.mu_beta - 1)
+        self.at, self.bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
+        self.passes = 0.0   # full passes over the cells, partial ones counted by their share of the cells
+
+    # -- the globals and passes over the cells ------------------------------------------------------------
+    def set_globals(self, mu: np.ndarray, rho: float | None) -> None:
+        """c and d = m - c per cell, and the eta-free part of F, at (mu, rho)."""
+        kinds, dt, dev = self.plan.kinds, self.dt, self.dev
+        mu_t = torch.as_tensor(mu, dtype=dt, device=dev)
+        rho_t = None if rho is None else torch.tensor(rho, dtype=dt, device=dev)
+        c_k = casual_prob(kinds.first, rho_t).to(dt)
+        torch.index_select(c_k, 0, self.kind, out=self.b_c)
+        torch.index_select(kinds.attentive_prob(mu_t) - c_k, 0, self.kind, out=self.b_d)
+        g = Globals(self.at, self.bt, mu_t, None)
+        self.glob = float(gold_loglik(self.plan, mu_t) + self.spec.log_prior(torch.zeros(0, dtype=dt), g))
+
+    def cell_pass(self, eta: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per user sum n d/q and sum n (d/q)^2 for all users, or for ``users`` over their cells only;
+        b_e and b_q keep e = eta[cu] and q = c + e d of the cells passed over."""
+        b_c, b_d, b_e, b_q, b_r, b_t = self.b_c, self.b_d, self.b_e, self.b_q, self.b_r, self.b_t
+        if users is None:
+            self.passes += 1
+            torch.index_select(eta, 0, self.cu, out=b_e)
+            torch.addcmul(b_c, b_d, b_e, out=b_q)
+            torch.div(b_d, b_q, out=b_r)
+            return self.by_user @ b_r, self.by_user @ torch.mul(b_r, b_r, out=b_t)
+        starts = self.crow[users]
+        lens = self.crow[users + 1] - starts
+        crow = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
+        n = int(crow[-1])
+        self.passes += n / max(self.C, 1)
+        idx = torch.arange(n, device=self.dev) + torch.repeat_interleave(starts - crow[:-1], lens, output_size=n)
+        e = torch.repeat_interleave(eta[users], lens, output_size=n)
+        d = b_d[idx]
+        q = torch.addcmul(b_c[idx], d, e)
+        r = d.div_(q)
+        sub = _csr(crow.to(self.index), torch.arange(n, device=self.dev, dtype=self.index), self.cnt[idx],
+                   (users.shape[0], n))
+        b_e[idx], b_q[idx] = e, q
+        return sub @ r, sub @ r.square_()
+
+    def objective(self, eta: torch.Tensor) -> float:
+        """F at eta, with q = c + e d of every cell in b_q."""
+        lp = torch.dot(self.cnt, torch.log(self.b_q, out=self.b_t))
+        if self.a > 1:
+            lp = lp + (self.a - 1) * torch.log(eta).sum()
+        if self.b > 1:
+            lp = lp + (self.b - 1) * torch.log1p(-eta).sum()
+        return float(lp) + self.glob
+
+    def solve_eta(self, eta: torch.Tensor, xtol: float) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+        """eta*_u = argmax f_u on [0, ub] for every user at once, warm-started at eta: Newton on f_u' inside a
+        bracket [lo, hi], over the users still moving only, until every Newton step is below ``xtol``.
+        Returns eta*, F, f_u' and f_u'' at eta*."""
+        ub, a, b, U = self.ub, self.a, self.b, self.U
+        eta = eta.clone()
+        g, h = self.with_prior(eta, *self.cell_pass(eta))
+        newton = g / h
+        users = torch.nonzero(~self.settled(eta, g, h, newton, xtol)).flatten()
+        # per moving user: the eta, f', f'' of the last pass, the bracket, and whether f' is known at its ends
+        e, gu, nu = eta[users], g[users], newton[users]
+        lo = torch.where(gu > 0, e, 0.0)
+        hi = torch.where(gu < 0, e, ub)
+        lo_ok, hi_ok = (gu > 0) | (a > 1), (gu < 0) | (b > 1)
+        last = torch.full_like(e, float("inf"))   # the previous step's length
+        for k in range(INNER_PASSES):
+            if users.shape[0] == 0:
+                break
+            p = e - nu
+            # past a bracket end not yet evaluated (a box end): try it; past an evaluated one, or a step not
+            # shorter than half the last (far from the root, e.g. next to a pole of f'): bisect
+            to_end = ((p < lo) & ~lo_ok) | ((p > hi) & ~hi_ok)
+            bisect = ~to_end & ((p < lo) | (p > hi) | (nu.abs() > 0.5 * last))
+            p = torch.where(bisect, 0.5 * (lo + hi), torch.minimum(torch.maximum(p, lo), hi))
+            last = (p - e).abs()
+            move = last > 0     # unsettled users move (settled() decides), unless stuck at float resolution
+            if k == INNER_PASSES - 1 or not bool(move.any()):
+                break
+            if not bool(move.all()):
+                users, p, lo, hi, lo_ok, hi_ok, last = _take(move, users, p, lo, hi, lo_ok, hi_ok, last)
+            eta[users] = e = p
+            if users.shape[0] > U // 32:   # a pass over the users' own cells costs ~20x more per cell
+                gu, h2u = (x[users] for x in self.cell_pass(eta))
+            else:
+                gu, h2u = self.cell_pass(eta, users)
+            gu, hu = self.with_prior(e, gu, h2u)
+            g[users], h[users] = gu, hu
+            nu = gu / hu
+            pos, neg = gu > 0, gu < 0
+            lo, hi = torch.where(pos, e, lo), torch.where(neg, e, hi)
+            lo_ok, hi_ok = lo_ok | pos, hi_ok | neg
+            keep = ~self.settled(e, gu, hu, nu, xtol)
+            if not bool(keep.all()):
+                users, e, nu, lo, hi, lo_ok, hi_ok, last = _take(keep, users, e, nu, lo, hi, lo_ok, hi_ok, last)
+        return eta, self.objective(eta), g, h
+
+    def with_prior(self, eta: torch.Tensor, g: torch.Tensor, h2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f' and f'' from the cell sums g = sum n d/q, h2 = sum n (d/q)^2 and the Beta(a, b) prior."""
+        h = -h2
+        if self.a > 1:
+            g, h = g + (self.a - 1) / eta, h - (self.a - 1) / eta.square()
+        if self.b > 1:
+            g, h = g - (self.b - 1) / (1 - eta), h - (self.b - 1) / (1 - eta).square()
+        return g, h
+
+    def settled(self, eta: torch.Tensor, g: torch.Tensor, h: torch.Tensor, newton: torch.Tensor,
+                xtol: float) -> torch.Tensor:
+        """Users at their maximum: a Newton step and its gain g^2 / -h both below xtol (next to a pole of f' the
+        step is short but the gain is not), f' = 0 or flat, or on a box end with f' pointing out."""
+        return (((newton.abs() <= xtol) & ((g * newton).abs() <= xtol)) | (g == 0) | ~(h < 0)
+                | ((g > 0) & (eta >= self.ub)) | ((g < 0) & (eta <= 0)))
+
+    # -- the outer problem in theta -----------------------------------------------------------------------
+    def curvature(self, eta: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mu: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dG/dtheta and d2G/dtheta2 (numpy); w_u = 1 / -f_u'', V [U, D] sparse CSR and r = w f' (the Newton
+        step each user has left) for eta*(theta + dx) ~ eta + r + w V dx.
+
+        eta may be off eta* by r: dG/dtheta = F_theta + V^T r then holds to second order in r."""
+        b_e, b_q, b_t, b_s, b_u = self.b_e, self.b_q, self.b_t, self.b_r, self.b_u
+        D, F, nf, U = self.D, self.free, len(self.free), self.U
+        dev, kinds, s_m, s_c = self.dev, self.plan.kinds, self.s_m, self.s_c
+        n_kinds = kinds.pair.shape[0]
+        free = torch.as_tensor(F, device=dev)
+
+        def per_kind(x: torch.Tensor) -> torch.Tensor:      # sum n x over the cells of each kind
+            return torch.bincount(self.kind, weights=torch.mul(x, self.cnt, out=b_s), minlength=n_kinds)
+
+        def per_pair(x_kind: torch.Tensor) -> np.ndarray:   # ... over the kinds of each free pair
+            out = torch.zeros(self.P, dtype=self.dt, device=dev).index_add_(0, kinds.pair, x_kind)
+            return out[free].cpu().double().numpy()
+
+        torch.div(b_e, b_q, out=b_t)                                  # x = e / q = d log q / d m
+        grad, H = np.zeros(D), np.zeros((D, D))
+        grad[:nf] = per_pair(per_kind(b_t) * s_m)
+        vr = None
+        if self.learn_rho:
+            torch.neg(b_e, out=b_u).add_(1).div_(b_q)                 # z = (1 - e) / q = d log q / d c
+            grad[-1] = float((per_kind(b_u) * s_c).sum())
+            H[:-1, -1] = H[-1, :-1] = -per_pair(per_kind(torch.mul(b_t, b_u, out=b_s)) * s_m * s_c)
+            H[-1, -1] = -float((per_kind(b_u.square_()) * s_c.square()).sum())
+            torch.add(self.b_c, self.b_d, out=b_u).div_(b_q).div_(b_q)   # m / q^2
+            vr = -(self.by_user @ b_u.mul_(torch.index_select(s_c, 0, self.kind, out=b_s)))
+        H[range(nf), range(nf)] = -per_pair(per_kind(b_t.square_()) * s_m.square())
+        ve = self.by_entry @ torch.div(self.b_c, b_q, out=b_t).div_(b_q)   # c / q^2
+        ga, gb = self.gold_terms
+        mf = mu[F]
+        grad[:nf] += ga[F] / mf - gb[F] / (1 - mf)
+        H[range(nf), range(nf)] -= ga[F] / mf**2 + gb[F] / (1 - mf) ** 2
+        interior = (h < 0) & ~((eta <= 0) & (g <= 0)) & ~((eta >= self.ub) & (g >= 0))
+        w = torch.where(interior, 1 / -h, torch.zeros_like(h))
+        r = w * g
+        hit = ((eta + r) <= 0) | ((eta + r) >= self.ub)    # the step left ends on the box: eta* held there
+        r = torch.where(hit, (eta + r).clamp(0, self.ub) - eta, r)
+        w = torch.where(hit, 0.0, w)
+        if vr is not None:   # V with the rho column: entries per (user, pair) and one per user
+            rows = torch.cat([self.entry_user, torch.arange(U, device=dev)])
+            order = torch.argsort(rows, stable=True)
+            col = torch.cat([self.entry_col, torch.full((U,), D - 1, device=dev)])[order].to(self.index)
+            V = _csr(_crow(rows[order], U, self.index), col, torch.cat([ve, vr])[order], (U, D))
+        else:
+            V = _csr(self.crow_ue.to(self.index), self.entry_col_i, ve, (U, D))
+        S, corr = self.schur(w, r, ve, vr)
+        return grad + corr, H + S, w, V, r
+
+    def schur(self, w: torch.Tensor, r: torch.Tensor, ve: torch.Tensor, vr: torch.Tensor | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """S = V^T diag(w) V and V^T r: dense over user blocks, or a sparse product when theta is long."""
+        D, nf, dt, dev = self.D, len(self.free), self.dt, self.dev
+        S = torch.zeros(D, D, dtype=dt, device=dev)
+        corr = torch.zeros(D, dtype=dt, device=dev)
+        if D > DENSE_SCHUR_COLS:
+            corr[:nf] = torch.zeros(D, dtype=dt, device=dev).index_add_(0, self.entry_col, ve * r[self.entry_user])[:nf]
+            if vr is not None:
+                corr[-1] = vr @ r
+            sw = w.sqrt()
+            ve = ve * sw[self.entry_user]
+            vr = None if vr is None else vr * sw
+            vt = ve[self.t_order]
+            left = torch.sparse_coo_tensor(self.t_index, vt, (D, self.U), is_coalesced=True)
+            right = torch.sparse_coo_tensor(self.t_index.flip(0), vt, (self.U, D)).coalesce()
+            S[:nf, :nf] = torch.sparse.mm(left, right).to_dense()[:nf, :nf]
+            if vr is not None:
+                S[:nf, -1] = torch.zeros(D, dtype=dt, device=dev).index_add_(
+                    0, self.entry_col, ve * vr[self.entry_user])[:nf]
+                S[-1, :nf] = S[:nf, -1]
+                S[-1, -1] = vr @ vr
+            return S.cpu().double().numpy(), corr.cpu().double().numpy()
+        buf = self.schur_buf
+        for u0, u1, e0, e1 in self.chunks:
+            block = buf[:(u1 - u0) * D].zero_()
+            block[self.entry_local[e0:e1]] = ve[e0:e1]
+            block = block.view(u1 - u0, D)
+            if vr is not None:
+                block[:, -1] = vr[u0:u1]
+            S.addmm_(block.T, block * w[u0:u1, None])
+            corr.addmv_(block.T, r[u0:u1])
+        return S.cpu().double().numpy(), corr.cpu().double().numpy()
+
+    def predict(self, eta: torch.Tensor, w: torch.Tensor, V: torch.Tensor, r: torch.Tensor, step: np.ndarray
+                ) -> torch.Tensor:
+        """eta + r + w V step (see curvature) where that stays inside (0, ub); eta elsewhere."""
+        p = torch.addcmul(eta + r, w, V @ torch.as_tensor(step, dtype=self.dt, device=self.dev))
+        return torch.where((p > 0) & (p < self.ub), p, eta)
+
+    def run(self, mu0: torch.Tensor, rho0: torch.Tensor | None, tol: float, max_iter: int,
+            progress: ProgressFn | None, trace: list[float] | None) -> Solution:
+        """Profile Newton from eta = 1/2 and (mu0, rho0); eta solves to LOOSE_XTOL on the way, to xtol at the end."""
+        F, nf, D = self.free, len(self.free), self.D
+        mu = mu0.cpu().double().numpy().copy()
+        rho = None if rho0 is None else float(rho0)
+        x = np.concatenate([mu[F], [rho] if self.learn_rho else []])
+        lb, ubx = self.th_lo, self.th_hi
+        loose = max(self.xtol, LOOSE_XTOL)
+
+        def put(x: np.ndarray) -> tuple[np.ndarray, float | None]:
+            m = mu.copy()
+            m[F] = x[:nf]
+            return m, (float(x[-1]) if self.learn_rho else rho)
+
+        def record(obj: float) -> None:
+            if trace is not None:
+                trace.append(obj)
+            if progress:
+                progress(it, obj)
+
+        self.set_globals(mu, rho)
+        eta = torch.full((self.U,), 0.5, dtype=self.dt, device=self.dev)
+        self.cell_pass(eta)
+        obj = self.objective(eta)
+        if trace is not None:
+            trace.append(obj)
+        it, converged = 1, D == 0
+        eta, obj, g, h = self.solve_eta(eta, self.xtol if converged else loose)
+        record(obj)
+        polished = converged
+        while not converged and it < max_iter:
+            grad, Hs, w, V, r = self.curvature(eta, g, h, put(x)[0])
+            scale = tol * max(1.0, abs(obj))
+            out = ((x <= lb) & (grad < 0)) | ((x >= ubx) & (grad > 0))
+            step = np.zeros(D)
+            inner = ~out
+            modified = False
+            if inner.any():
+                lam, Q = np.linalg.eigh(-Hs[np.ix_(inner, inner)])
+                floor = 1e-10 * max(np.abs(lam).max(), 1e-300)
+                modified = bool(lam.min() <= floor)
+                lam = np.maximum(np.abs(lam), floor)
+                step[inner] = Q @ ((Q.T @ grad[inner]) / lam)
+            predicted = 0.5 * float(grad @ step)
+            if not np.isfinite(predicted) or predicted <= scale:
+                converged = bool(np.isfinite(predicted))
+                break
+            t, accepted = 1.0, False
+            for _ in range(LINE_SEARCH_STEPS):
+                xt = np.clip(x + t * step, lb, ubx)
+                dx = xt - x
+                self.set_globals(*put(xt))
+                res = self.solve_eta(self.predict(eta, w, V, r, dx), loose)
+                if res[1] >= obj + ARMIJO * float(grad @ dx) and res[1] >= obj:
+                    accepted = True
+                    break
+                t *= 0.5
+            if not accepted:    # no rise above rounding along an ascent direction: stationary to precision
+                converged = predicted <= max(tol, 1e3 * torch.finfo(self.dt).eps) * max(1.0, abs(obj))
+                self.set_globals(*put(x))
+                break
+            gain = res[1] - obj
+            x, (eta, obj, g, h) = xt, res
+            it += 1
+            record(obj)
+            if t == 1.0 and not modified and not out.any() and gain <= scale:
+                converged = True
+        if not polished:   # eta* to full precision at the final theta, from eta + r
+            w = torch.where(h < 0, 1 / -h, torch.zeros_like(h))
+            eta, polished_obj, g, h = self.solve_eta(torch.where(h < 0, (eta + w * g).clamp(0, self.ub), eta),
+                                                     self.xtol)
+            if polished_obj >= obj:
+                obj = polished_obj
+                record(obj)
+        mu, rho = put(x)
+        mu_t = torch.as_tensor(mu, dtype=self.dt, device=self.dev)
+        rho_t = None if rho is None else torch.tensor(rho, dtype=self.dt, device=self.dev)
+        return eta, mu_t, rho_t, obj, it, converged
