@@ -31,7 +31,7 @@ from heedful.model.quadrature import gauss_jacobi
 
 X_EDGE = 20.0
 MAX_ELEMENTS = 500_000     # grid cells per chunk (4 MB: cache-sized): bounds memory whatever the number of users
-NEWTON_ROWS = 1 << 16      # users per block of the mode refinement
+BLOCK_ROWS = 1 << 16       # users per block of the per-user summaries and the mode refinement
 STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
 
 
@@ -61,62 +61,64 @@ def _table(plan: QuadraturePlan, bk: Bucket, eta: torch.Tensor, mu: torch.Tensor
     return vote_loglik(eta.unsqueeze(0), m, c, bk.count.unsqueeze(1))
 
 
-def _grid_summaries(d: torch.Tensor, cum: torch.Tensor, x: torch.Tensor, h: float, a: float, b: float,
-                    ps: torch.Tensor, tau_at: tuple[int, float] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x-quantiles [R, P] at probabilities ps and F(x_tau) [R] from densities d [R, M] on the grid x of step h.
+def _search_weights(h: float, a: float, b: float, ps: torch.Tensor) -> torch.Tensor:
+    """W [5, P]: (d_0, d_1, d_(M-2), d_(M-1), S_(M-1)) W = the S-targets t / h + d_0 / 2 - h d'_0 / 12 (linear)."""
+    z = torch.tensor([1 / a - h / 2 - h / 12, h / 12, h / 12, 1 / b - h / 2 - h / 12, h], dtype=ps.dtype,
+                     device=ps.device)                                            # Z = z . v
+    rest = torch.tensor([-1 / (a * h) + 0.5 + 1 / 12, -1 / 12, 0.0, 0.0, 0.0], dtype=ps.dtype, device=ps.device)
+    return z[:, None] * ps[None, :] / h + rest[:, None]
 
-    With S = cum (sum_(i<=j) d_i, the only full pass) and the slope d'_j by central differences (one-sided
-    at the ends), the trapezoid with the Euler-Maclaurin end correction (error O(h^4)) is
+
+def _block_summaries(v: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: torch.Tensor, x: torch.Tensor,
+                     h: float, a: float, b: float, ps: torch.Tensor,
+                     tau: tuple | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x-quantiles [B, P] at probabilities ps and F(x_tau) [B] from a few cells of each user's grid density d.
+
+    With S_j = sum_(i<=j) d_i and the slope d'_j by central differences (one-sided at the ends), the trapezoid
+    with the Euler-Maclaurin end correction (error O(h^4)) is
 
         C_j = h (S_j - (d_0 + d_j) / 2) - h^2 / 12 (d'_j - d'_0),
 
     the tails beyond the grid are d_0 / a and d_(M-1) / b, and F_j = (d_0 / a + C_j) / Z with
-    Z = d_0 / a + C_(M-1) + d_(M-1) / b. The first j with C_j >= t = p Z - d_0 / a is within a cell or two
-    of the first j with S_j >= t / h + d_0 / 2 - h d'_0 / 12 (C_j - h S_j is -h d_j / 2 up to the slope
-    term): search S, then compare C on the cells around. Inside [x_(j-1), x_j] the density is taken as
-    linear, F = F_(j-1) + h (s d_(j-1) + s^2 (d_j - d_(j-1)) / 2) / Z; below x_0 (above x_(M-1)) F ~ C e^(a x)
-    (1 - F ~ C e^(-b x)) is inverted. ``tau_at`` = (j, s) puts x_tau at x_(j-1) + s h.
+    Z = d_0 / a + C_(M-1) + d_(M-1) / b. The first j with C_j >= t = p Z - d_0 / a is within a cell or two of
+    k, the first j with S_j >= t / h + d_0 / 2 - h d'_0 / 12 (C_j - h S_j is -h d_j / 2 up to the slope term;
+    j < k - 1 or j > k + 2 would need d to change 12-fold from one cell to the next); ``dw``, ``sw`` [B, P, 7]
+    hold d and S on cells k-3 .. k+3 (clamped to the grid), so C is compared on k-2 .. k+2.
+
+    Inside [x_(j-1), x_j] the density is taken as linear, F = F_(j-1) + h (s d_(j-1) + s^2 (d_j - d_(j-1)) / 2) / Z,
+    solved for s; below x_0 (above x_(M-1)) F ~ C e^(a x) (1 - F ~ C e^(-b x)) is inverted.
+    ``v`` [B, 5] = (d_0, d_1, d_(M-2), d_(M-1), S_(M-1)); ``tau`` = (j, s, span, td [B, 3], ts [B]) puts x_tau at
+    x_(j-1) + s h, with d on cells (max(j-2, 0), j-1, j), S_(j-1) and span = j - max(j-2, 0).
     """
-    R, M = d.shape
-    P = ps.shape[0]
-    d0, slope0 = d[:, :1], (d[:, 1:2] - d[:, :1]) / h
+    M = x.shape[0]
+    d0, d1, dm2, dm1, s_last = v.unbind(1)
+    slope0 = (d1 - d0) / h
     tail_lo = d0 / a
-    c_last = h * (cum[:, -1:] - 0.5 * (d0 + d[:, -1:])) - h * h / 12.0 * ((d[:, -1:] - d[:, -2:-1]) / h - slope0)
-    total = tail_lo + c_last + d[:, -1:] / b                                    # [R, 1]
-    t = ps * total - tail_lo                                                     # [R, P]
-    k = torch.searchsorted(cum, t / h + (0.5 * d0 - h / 12.0 * slope0))
-    win = (k[:, :, None] + torch.arange(-3, 4, device=d.device)).view(R, 7 * P)  # cells k-3 .. k+3
-    idx = win if tau_at is None else torch.cat([win, torch.full_like(win[:, :1], tau_at[0] - 1)], 1)
-    idx = idx.clamp(0, M - 1)
-    n = idx.shape[1]
-    nb = torch.cat([idx, (idx + 1).clamp_max(M - 1), (idx - 1).clamp_min(0)], 1)
-    dn = d.gather(1, nb)
-    slope = (dn[:, n:2 * n] - dn[:, 2 * n:]) / ((nb[:, n:2 * n] - nb[:, 2 * n:]).to(d.dtype) * h)
-    cw = h * (cum.gather(1, idx) - 0.5 * (d0 + dn[:, :n])) - h * h / 12.0 * (slope - slope0)
-    cq = cw[:, :7 * P].view(R, P, 7)
-    win = win.view(R, P, 7)
-    hit = ((cq >= t[:, :, None]) & (win >= 0)) | (win >= M)
-    pos = (~hit[:, :, 1:]).to(torch.int8).cumprod(2).sum(2)                     # first hit in k-2 .. k+3 (6: none)
-    j = k - 2 + pos
-    c_prev = cq.gather(2, pos[:, :, None]).squeeze(2)                            # C_(j-1)
-    jj = j.clamp(1, M - 1)
-    pair = torch.cat([jj - 1, jj], 1)
-    if tau_at is not None:
-        pair = torch.cat([pair, torch.full_like(pair[:, :2], tau_at[0]) - torch.tensor([1, 0], device=d.device)], 1)
-    dd = d.gather(1, pair) / total
-    d0q, d1q = dd[:, :P], dd[:, P:2 * P]
-    r = (ps - (tail_lo + c_prev) / total).clamp_min(0)
-    disc = (h * d0q) ** 2 + 2 * h * (d1q - d0q) * r                            # the stable root of the quadratic in s
-    frac = (2 * r / (h * d0q + disc.clamp_min(0).sqrt()).clamp_min(1e-300)).clamp(0, 1)
-    xq = x[jj - 1] + frac * h
-    low_tail = x[0] + torch.log(ps / (tail_lo / total).clamp_min(1e-300)) / a
-    high_tail = x[-1] - torch.log((1 - ps) / (1 - (tail_lo + c_last) / total).clamp_min(1e-300)) / b
-    xq = torch.where((j > 0) & (j < M), xq, torch.where(j <= 0, low_tail, high_tail))
-    if tau_at is None:
+    c_last = h * (s_last - 0.5 * (d0 + dm1)) - h * h / 12.0 * ((dm1 - dm2) / h - slope0)
+    total = tail_lo + c_last + dm1 / b
+    t = ps * total[:, None] - tail_lo[:, None]                                     # [B, P]
+    j = k[:, :, None] + torch.arange(-2, 3, device=k.device)                       # cells k-2 .. k+2
+    span = ((j + 1).clamp_max(M - 1) - (j - 1).clamp_min(0)).clamp_min(1).to(v.dtype)
+    c = (dw[:, :, 2:] - dw[:, :, :-2]).div_(span).sub_((h * slope0)[:, None, None]).mul_(-h / 12.0)
+    c += (sw[:, :, 1:-1] - 0.5 * (d0[:, None, None] + dw[:, :, 1:-1])).mul_(h)    # C_j
+    hit = ((c >= t[:, :, None]) & (j >= 0)) | (j >= M)
+    pos = (~hit[:, :, 1:]).to(torch.int8).cumprod(2).sum(2)                       # first hit in k-1 .. k+2 (4: none)
+    jq = k - 1 + pos
+    c_prev = c.gather(2, pos[:, :, None]).squeeze(2)                               # C_(j-1)
+    dd = dw.gather(2, torch.stack([pos + 1, pos + 2], 2)) / total[:, None, None]   # d_(j-1), d_j over Z
+    dl, dr = dd.unbind(2)
+    r = (ps - (tail_lo[:, None] + c_prev) / total[:, None]).clamp_min(0)
+    disc = (h * dl) ** 2 + 2 * h * (dr - dl) * r                                   # the stable root of the quadratic
+    frac = (2 * r / (h * dl + disc.clamp_min(0).sqrt()).clamp_min(1e-300)).clamp(0, 1)
+    xq = x[(jq - 1).clamp(0, M - 2)] + frac * h
+    low_tail = x[0] + torch.log(ps / (tail_lo / total).clamp_min(1e-300)[:, None]) / a
+    high_tail = x[-1] - torch.log((1 - ps) / (1 - (tail_lo + c_last) / total).clamp_min(1e-300)[:, None]) / b
+    xq = torch.where((jq > 0) & (jq < M), xq, torch.where(jq <= 0, low_tail, high_tail))
+    if tau is None:
         return xq, None
-    s = tau_at[1]
-    f0, f1 = dd[:, 2 * P], dd[:, 2 * P + 1]
-    f_tau = (tail_lo[:, 0] + cw[:, -1]) / total[:, 0] + h * (s * f0 + 0.5 * s * s * (f1 - f0))
+    _, s, span_t, td, ts = tau
+    c_tau = h * (ts - 0.5 * (d0 + td[:, 1])) - h * h / 12.0 * ((td[:, 2] - td[:, 0]) / (span_t * h) - slope0)
+    f_tau = (tail_lo + c_tau + h * (s * td[:, 1] + 0.5 * s * s * (td[:, 2] - td[:, 1]))) / total
     return xq, f_tau
 
 
@@ -128,6 +130,8 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
 
     With a per-user rho_u ~ Beta(rho_prior), rho_u is integrated out by Gauss-Jacobi at every grid point.
     ``cells`` is unused (each bucket's incidence holds the users' cells); it stays for the callers.
+    Per chunk of users the [users, M] grid is read by one sparse product, a max, an exp and a cumulative sum;
+    the cells each summary needs are gathered and the summaries computed per block of BLOCK_ROWS users.
     """
     dt, dev = torch.float64, plan.device
     mu = mu.to(dt)
@@ -137,6 +141,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
     prior = sstats.beta(pa, pb)
     alpha = (1.0 - level) / 2.0
     ps = torch.tensor([alpha, 1 - alpha], dtype=dt, device=dev)
+    P = ps.shape[0]
 
     def full(v: float) -> torch.Tensor:
         return torch.full((U,), float(v), dtype=dt, device=dev)
@@ -149,9 +154,11 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
         mode = full(((pa - 1) / (pa + pb - 2)) if (pa > 1 and pb > 1) else 0.0)
     at, bt = torch.tensor(pa, dtype=dt, device=dev), torch.tensor(pb, dtype=dt, device=dev)
     rp = None if rho_prior is None else tuple(torch.tensor(float(v), dtype=dt, device=dev) for v in rho_prior)
+    win = torch.arange(-3, 4, device=dev)
     for bk in plan.buckets:
         xq, rq, logw = bucket_nodes(at, bt, bk.n_nodes, rp, dt)   # exact for E[eta], E[eta^2]: degree n + 2
         tab_q = _table(plan, bk, xq, mu, rho_t if rq is None else rq)
+        moments = torch.stack([xq, xq * xq])
         M = _grid_size(2 * bk.n_nodes)
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = 2 * X_EDGE / (M - 1)
@@ -164,80 +171,122 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
             xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.n_nodes, RHO_NODE_CAP))
             n_rho = xr.shape[0]
             tab = _table(plan, bk, torch.sigmoid(x).repeat_interleave(n_rho), mu, xr.repeat(M))
+        search = _search_weights(h, pa, pb, ps)
+        ends = torch.tensor([0, 1, M - 2, M - 1], device=dev)
         if tau is not None:
             xt = math.log(tau / (1 - tau))
-            j_tau = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
-            tau_at = (j_tau, (xt - float(x[j_tau - 1])) / h)
-        else:
-            tau_at = None
-        jmax = torch.empty(len(bk.users), dtype=torch.long, device=dev)
-        for start, inc in bk.row_chunks(max(1, MAX_ELEMENTS // (M * n_rho))):
-            inc = inc.to(dt)
-            R = inc.shape[0]
-            users = bk.users[start:start + R]
-            wq = torch.softmax(inc @ tab_q + logw, dim=1)
-            m1, m2 = wq @ xq, wq @ (xq * xq)
+            jt = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
+            tau_cells = torch.tensor([max(jt - 2, 0), jt - 1, jt], device=dev)
+        rows = max(1, MAX_ELEMENTS // (M * n_rho))
+        chunks = bk.row_chunks(rows)
+        g_buf = torch.empty(min(rows, len(bk.users)), M * n_rho, dtype=dt, device=dev)
+        c_buf = torch.empty(min(rows, len(bk.users)), M, dtype=dt, device=dev)
+        per_block = max(1, BLOCK_ROWS // rows)
+        for c0 in range(0, len(chunks), per_block):
+            group = chunks[c0:c0 + per_block]
+            first = group[0][0]
+            B = group[-1][0] + group[-1][1].shape[0] - first
+            v = torch.empty(B, 5, dtype=dt, device=dev)
+            k = torch.empty(B, P, dtype=torch.long, device=dev)
+            dw, sw = torch.empty(B, P, 7, dtype=dt, device=dev), torch.empty(B, P, 7, dtype=dt, device=dev)
+            lq_t = torch.empty(logw.shape[0], B, dtype=dt, device=dev)   # [G, B]: softmax over G is 10x faster
+            jmax = torch.empty(B, dtype=torch.long, device=dev)
+            g3 = torch.empty(B, 3, dtype=dt, device=dev)
+            td = torch.empty(B, 3, dtype=dt, device=dev) if tau is not None else None
+            ts = torch.empty(B, dtype=dt, device=dev) if tau is not None else None
+            for start, inc in group:
+                inc = inc.to(dt)
+                R = inc.shape[0]
+                r0, r1 = start - first, start - first + R
+                lq_t[:, r0:r1].t().copy_(logw.expand(R, -1)).addmm_(inc, tab_q)   # CSR addmm_: no zero fill or copy
+                if grid_lw is None:                                      # log L_u + (a-1) log eta + (b-1) log(1-eta)
+                    g = g_buf[:R].copy_(prior_eta.expand(R, -1)).addmm_(inc, tab)
+                else:                                                    # integrate rho_u out at every eta of the grid
+                    ell = torch.addmm(g_buf[:R], inc, tab, beta=0, out=g_buf[:R])
+                    g = torch.logsumexp(ell.view(R, M, n_rho) + grid_lw, dim=2).add_(prior_eta)
+                top, jm = g.max(dim=1)
+                jmax[r0:r1] = jm
+                torch.gather(g, 1, (jm[:, None] + win[2:5]).clamp_(0, M - 1), out=g3[r0:r1])
+                d = g.add_(jacobian).sub_(top[:, None]).exp_()           # density in x, max in [e^-20.7, 1/4]
+                cum = torch.cumsum(d, 1, out=c_buf[:R])
+                torch.cat([d.index_select(1, ends), cum[:, -1:]], 1, out=v[r0:r1])
+                kk = torch.searchsorted(cum, v[r0:r1] @ search)
+                k[r0:r1] = kk
+                idx = (kk[:, :, None] + win).clamp_(0, M - 1).view(R, P * 7)
+                torch.gather(d, 1, idx, out=dw[r0:r1].view(R, P * 7))
+                torch.gather(cum, 1, idx, out=sw[r0:r1].view(R, P * 7))
+                if tau is not None:
+                    torch.index_select(d, 1, tau_cells, out=td[r0:r1])
+                    ts[r0:r1] = cum[:, jt - 1]
+            users = bk.users[first:first + B]
+            m1, m2 = moments @ torch.softmax(lq_t, dim=0)
             mean[users], sd[users] = m1, (m2 - m1 * m1).clamp_min(0).sqrt()
-            g = inc @ tab                                            # log L_u on the grid
-            if grid_lw is not None:                                  # integrate rho_u out at every eta of the grid
-                g = torch.logsumexp(g.view(R, M, n_rho) + grid_lw, dim=2)
-            g += prior_eta
-            top, jmax[start:start + R] = g.max(dim=1)
-            d = g.add_(jacobian).sub_(top[:, None]).exp_()           # density in x, max in [e^-20.7, 1/4]
-            xs, f_tau = _grid_summaries(d, torch.cumsum(d, 1), x, h, pa, pb, ps, tau_at)
+            tau_at = None if tau is None else (jt, (xt - float(x[jt - 1])) / h, jt - max(jt - 2, 0), td, ts)
+            xs, f_tau = _block_summaries(v, k, dw, sw, x, h, pa, pb, ps, tau_at)
             eta_q = torch.sigmoid(xs)
             lo[users], hi[users] = eta_q[:, 0], eta_q[:, 1]
             if f_tau is not None:
                 p_above[users] = (1 - f_tau).clamp(0, 1)
-        mode[bk.users] = torch.where(jmax == 0, 0.0, torch.where(jmax == M - 1, 1.0, torch.sigmoid(x[jmax])))
-        if rp is None:
-            _refine_modes(plan, bk, pa, pb, mu, rho_t, x, jmax, mode)
+            mode[users] = torch.where(jmax == 0, 0.0, torch.where(jmax == M - 1, 1.0, torch.sigmoid(x[jmax])))
+            if rp is None:
+                _refine_modes(plan, bk, first, pa, pb, mu, rho_t, x, jmax, g3, mode)
     return UserPosterior(mean=mean.cpu().numpy(), mode=mode.cpu().numpy(), lo=torch.minimum(lo, mean).cpu().numpy(),
                          hi=torch.maximum(hi, mean).cpu().numpy(), sd=sd.cpu().numpy(),
                          prob_above=None if p_above is None else p_above.cpu().numpy())
 
 
-def _refine_modes(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
-                  x: torch.Tensor, jmax: torch.Tensor, mode: torch.Tensor, iters: int = 30) -> None:
+def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: float, mu: torch.Tensor,
+                  rho: torch.Tensor | None, x: torch.Tensor, jmax: torch.Tensor, g3: torch.Tensor,
+                  mode: torch.Tensor, iters: int = 30) -> None:
     """Safeguarded Newton on d/d eta [log L_u(eta) + (a-1) log eta + (b-1) log(1-eta)] inside the grid bracket.
 
-    Starts at sigmoid(x_j) of the grid maximum j, bracketed by sigmoid(x_(j-1)), sigmoid(x_(j+1)); each user
-    stops once its own step is at most STOP_STEP. A maximum at the grid's edge stays 0 or 1 (set by the caller).
-    Writes ``mode`` for the bucket's interior users, in blocks of NEWTON_ROWS users.
+    For the bucket's users first .. first + len(jmax) with grid maxima at x_j (j = jmax) and the log density in
+    eta g3 = (g_(j-1), g_j, g_(j+1)) there: start at the vertex of the parabola through them, x_j + h (g_(j-1) -
+    g_(j+1)) / (2 (g_(j-1) - 2 g_j + g_(j+1))), bracketed by sigmoid(x_(j-1)), sigmoid(x_(j+1)). Each user stops
+    once its own step is at most STOP_STEP, or once quadratic convergence puts the next step below it.
+    A maximum at the grid's edge stays 0 or 1 (set by the caller). Writes their entries of ``mode``.
     """
     dt, dev, M = x.dtype, x.device, x.shape[0]
+    j = jmax
+    active = (j > 0) & (j < M - 1)
+    if not bool(active.any()):
+        return
     m = plan.kinds.attentive_prob(mu)[bk.pattern_kind]
     c_q = casual_prob(plan.kinds.first[bk.pattern_kind], rho).to(dt)
     d_q, cnt_q = m - c_q, bk.count.to(dt)
-    crow, col = bk.incidence.crow_indices(), bk.incidence.col_indices()
-    for s in range(0, len(bk.users), NEWTON_ROWS):
-        e = min(s + NEWTON_ROWS, len(bk.users))
-        j = jmax[s:e]
-        active = (j > 0) & (j < M - 1)
+    n_rows = j.shape[0]
+    cr = bk.incidence.crow_indices()[first:first + n_rows + 1].long()
+    q = bk.incidence.col_indices()[cr[0]:cr[-1]].long()
+    row = torch.repeat_interleave(torch.arange(n_rows, device=dev), cr.diff(), output_size=q.shape[0])
+    c, d, cnt = c_q[q], d_q[q], cnt_q[q]
+    lo = torch.sigmoid(x[(j - 1).clamp_min(0)])
+    hi = torch.sigmoid(x[(j + 1).clamp_max(M - 1)])
+    gm, g0, gp = g3.unbind(1)                      # the parabola through the grid maximum and its neighbours
+    curv = gm - 2 * g0 + gp
+    shift = torch.where(curv < 0, 0.5 * (gm - gp) / curv, 0.0).nan_to_num(0.0).clamp(-0.5, 0.5)
+    eta = torch.sigmoid(x[j] + shift * (x[1] - x[0]))
+    prev = torch.full_like(eta, math.inf)
+    was_newton = torch.zeros_like(j, dtype=torch.bool)
+    t, gc = torch.empty_like(c), torch.empty_like(c)
+    for _ in range(iters):
+        torch.index_select(eta, 0, row, out=gc)
+        torch.div(d, torch.addcmul(c, gc, d, out=t), out=t)   # d log(c + eta d) / d eta per cell
+        torch.mul(cnt, t, out=gc)
+        g = torch.zeros_like(eta).index_add_(0, row, gc) + (a - 1) / eta - (b - 1) / (1 - eta)
+        h = -torch.zeros_like(eta).index_add_(0, row, gc.mul_(t)) - (a - 1) / eta ** 2 - (b - 1) / (1 - eta) ** 2
+        lo = torch.where(g > 0, eta, lo)           # the derivative's sign keeps the root bracketed
+        hi = torch.where(g > 0, hi, eta)
+        step = eta - g / h
+        ok = (h < 0) & (step >= lo) & (step <= hi)  # closed: the root may sit on a bracket end
+        new = torch.where(active, torch.where(ok, step, 0.5 * (lo + hi)), eta)
+        moved = (new - eta).abs()
+        # a user stops once its step is at most STOP_STEP, or after two Newton steps in a row when the next one
+        # would be below STOP_STEP / 100 (quadratic convergence: about moved^3 / prev^2)
+        active &= (moved > STOP_STEP) & ~(ok & was_newton & (moved ** 3 <= 0.01 * STOP_STEP * prev * prev))
+        prev, was_newton = moved, ok
+        eta = new
         if not bool(active.any()):
-            continue
-        lo = torch.sigmoid(x[(j - 1).clamp_min(0)])
-        hi = torch.sigmoid(x[(j + 1).clamp_max(M - 1)])
-        eta = torch.sigmoid(x[j])
-        cr = crow[s:e + 1].long()
-        q = col[cr[0]:cr[-1]].long()
-        row = torch.repeat_interleave(torch.arange(e - s, device=dev), cr.diff(), output_size=q.shape[0])
-        c, d, cnt = c_q[q], d_q[q], cnt_q[q]
-        t, gc = torch.empty_like(c), torch.empty_like(c)
-        for _ in range(iters):
-            torch.index_select(eta, 0, row, out=gc)
-            torch.div(d, torch.addcmul(c, gc, d, out=t), out=t)   # d log(c + eta d) / d eta per cell
-            torch.mul(cnt, t, out=gc)
-            g = torch.zeros_like(eta).index_add_(0, row, gc) + (a - 1) / eta - (b - 1) / (1 - eta)
-            h = -torch.zeros_like(eta).index_add_(0, row, gc.mul_(t)) - (a - 1) / eta ** 2 - (b - 1) / (1 - eta) ** 2
-            lo = torch.where(g > 0, eta, lo)           # the derivative's sign keeps the root bracketed
-            hi = torch.where(g > 0, hi, eta)
-            step = eta - g / h
-            ok = (h < 0) & (step >= lo) & (step <= hi)  # closed: the root may sit on a bracket end
-            new = torch.where(active, torch.where(ok, step, 0.5 * (lo + hi)), eta)
-            active &= (new - eta).abs() > STOP_STEP     # each user stops once its own step is below STOP_STEP
-            eta = new
-            if not bool(active.any()):
-                break
-        interior = (j > 0) & (j < M - 1)
-        mode[bk.users[s:e][interior]] = eta[interior]
+            break
+    interior = (j > 0) & (j < M - 1)
+    users = bk.users[first:first + n_rows]
+    mode[users[interior]] = eta[interior]
