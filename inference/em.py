@@ -27,8 +27,9 @@ of F on that box. With theta = (free mu's, rho) and d = m - c:
       and the next eta solve starts from eta + r + w V step.
 One iteration = one eta solve (a few vectorised passes over the cells, to Newton steps below LOOSE_XTOL)
 and one accepted theta step; iteration 1 solves for eta at the starting theta only. Converged when the
-Newton step in theta predicts a gain below ``tol * max(1, |F|)``, or a full step gained less; a last eta
-solve to Newton steps below 1e-11 then adds one more value to the trace. Per-user rho_u
+Newton step in theta predicts a gain below ``tol * max(1, |F|)`` (that step is still taken, with an eta
+solve to Newton steps below 1e-11), or a full step gained less (then eta alone is solved to 1e-11, one
+more value in the trace). Per-user rho_u
 (``spec.rho_user``) is fitted by plain EM.
 """
 
@@ -504,8 +505,8 @@ class _Profile:
             ve = ve * sw[self.entry_user]
             vr = None if vr is None else vr * sw
             vt = ve[self.t_order]
-            left = torch.sparse_coo_tensor(self.t_index, vt, (D, self.U), is_coalesced=True)
-            right = torch.sparse_coo_tensor(self.t_index.flip(0), vt, (self.U, D)).coalesce()
+            left = torch.sparse_coo_tensor(self.t_index, vt, (D, self.U), is_coalesced=True, check_invariants=False)
+            right = torch.sparse_coo_tensor(self.t_index.flip(0), vt, (self.U, D), check_invariants=False).coalesce()
             S[:nf, :nf] = torch.sparse.mm(left, right).to_dense()[:nf, :nf]
             if vr is not None:
                 S[:nf, -1] = torch.zeros(D, dtype=dt, device=dev).index_add_(
@@ -560,7 +561,7 @@ class _Profile:
         it, converged = 1, D == 0
         eta, obj, g, h = self.solve_eta(eta, self.xtol if converged else loose)
         record(obj)
-        polished = converged
+        polished, last_step = converged, None
         while not converged and it < max_iter:
             grad, Hs, w, V, r = self.curvature(eta, g, h, put(x)[0])
             scale = tol * max(1.0, abs(obj))
@@ -577,6 +578,8 @@ class _Profile:
             predicted = 0.5 * float(grad @ step)
             if not np.isfinite(predicted) or predicted <= scale:
                 converged = bool(np.isfinite(predicted))
+                if converged and it < max_iter:   # take this step too, with the exact eta solve below
+                    last_step = (np.clip(x + step, lb, ubx), w, V, r)
                 break
             t, accepted = 1.0, False
             for _ in range(LINE_SEARCH_STEPS):
@@ -598,6 +601,16 @@ class _Profile:
             record(obj)
             if t == 1.0 and not modified and not out.any() and gain <= scale:
                 converged = True
+        if last_step is not None:   # the last Newton step: its gain is below tol but it costs one eta solve
+            xt, w, V, r = last_step
+            self.set_globals(*put(xt))
+            res = self.solve_eta(self.predict(eta, w, V, r, xt - x), self.xtol)
+            if res[1] >= obj:
+                x, (eta, obj, g, h), polished = xt, res, True
+                it += 1
+                record(obj)
+            else:
+                self.set_globals(*put(x))
         if not polished:   # eta* to full precision at the final theta, from eta + r
             w = torch.where(h < 0, 1 / -h, torch.zeros_like(h))
             eta, polished_obj, g, h = self.solve_eta(torch.where(h < 0, (eta + w * g).clamp(0, self.ub), eta),

@@ -1,0 +1,115 @@
+"""EM's joint MAP: the profile Newton solver reaches plain EM's fixed point, fast and monotonically."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from heedful.config import PairPrior, Priors, priors_from_dict
+from heedful.errors import InputError
+from heedful.inference import em
+from heedful.inference.em import fit_em
+from heedful.inference.globals import global_spec
+from heedful.model.likelihood import build_plan
+from heedful.simulate import default_pairs, simulate
+from heedful.suffstats import vote_stats
+
+CPU = torch.device("cpu")
+UB = 1 - 1e-12   # EM's largest eta
+
+
+def _fit(votes: pd.DataFrame, priors: Priors, solver: str, **kw):
+    stats = vote_stats(votes)
+    plan = build_plan(stats, CPU, torch.float64)
+    return fit_em(stats, plan, global_spec(stats, priors), stats.tensors(CPU, torch.float64), solver=solver, **kw)
+
+
+def _agree(votes: pd.DataFrame, priors: Priors, em_iter: int = 20000):
+    """Plain EM run to its fixed point and profile Newton at the default tol; both fits."""
+    plain = _fit(votes, priors, "em", tol=1e-16, max_iter=em_iter)
+    newton = _fit(votes, priors, "newton", tol=1e-9)
+    assert newton.converged
+    assert np.abs(newton.mu - plain.mu).max() < 1e-6, (newton.mu, plain.mu)
+    assert np.abs(newton.eta_map - plain.eta_map).max() < 1e-6
+    assert newton.objective >= plain.objective - 1e-12 * abs(plain.objective)
+    return plain, newton
+
+
+def _typed_votes(reps: int = 15) -> pd.DataFrame:
+    """Users of a few types, (gpt a-picks, b-picks, claude a-picks, b-picks) each: some always pick the
+    better model (eta* = 1 - 1e-12), some the worse (eta* = 0), the rest something in between."""
+    types = [(6, 0, 4, 0), (0, 6, 0, 4), (1, 5, 1, 3), (5, 1, 3, 1), (4, 2, 4, 1), (5, 2, 2, 1), (2, 1, 4, 2)]
+    rows = []
+    for t, (a1, b1, a2, b2) in enumerate(types):
+        for r in range(reps):
+            for pair, na, nb in ((("gpt", "llama"), a1, b1), (("claude", "vicuna"), a2, b2)):
+                rows += [(f"u{t}-{r}", *pair, "a")] * na + [(f"u{t}-{r}", *pair, "b")] * nb
+    return pd.DataFrame(rows, columns=["user_id", "model_a", "model_b", "choice"])
+
+
+def test_newton_reaches_plain_em_fixed_point():
+    sim = simulate(300, 15, pairs=default_pairs(3, 0.8), vote_counts="geometric", tie_rate=0.1, seed=4)
+    plain, newton = _agree(sim.votes, Priors(eta=(2.0, 2.0)))
+    assert newton.iterations < 15 < plain.iterations
+
+
+def test_newton_reaches_plain_em_fixed_point_with_users_on_the_eta_bounds():
+    """Beta(1, 1): the MAP of eta sits on 0 or 1 - 1e-12 for whole user types; Beta(20, 20) keeps mu inside."""
+    priors = Priors(eta=(1.0, 1.0), pairs=(PairPrior("gpt", "llama", beta=(20.0, 20.0)),
+                                           PairPrior("vicuna", "claude", beta=(20.0, 20.0))))
+    plain, newton = _agree(_typed_votes(), priors)
+    assert (newton.eta_map == 0).sum() == 30 and (newton.eta_map == UB).sum() == 15
+    assert ((newton.mu > 0.8) & (newton.mu < 0.9)).all()
+
+
+def test_newton_reaches_plain_em_fixed_point_with_gold_position_bias_and_known_mu():
+    sim = simulate(400, 12, pairs=default_pairs(3, 0.8), eta_prior=(3, 3), position_share=1.0, position_rho=0.7,
+                   gold_rate=0.1, seed=14)
+    priors = priors_from_dict({"population": {"eta": "Beta(3, 3)"}, "behaviour": {"casual": "position"},
+                               "pairs": [{"model_a": "model-00", "model_b": "model-01", "mu": 0.6}]})
+    plain, newton = _agree(sim.votes, priors)
+    assert newton.rho == pytest.approx(plain.rho, abs=1e-6) and abs(newton.rho - 0.7) < 0.05
+    assert newton.mu[0] == 0.6
+
+
+def test_newton_converges_where_plain_em_crawls():
+    """Beta(1, 1) and mu on its bound: plain EM is still short of tol after 300 iterations; Newton needs a few.
+    The trace never falls, ends at the returned objective, and progress sees every value after the first."""
+    sim = simulate(300, 15, pairs=default_pairs(3, 0.8), vote_counts="geometric", tie_rate=0.1, seed=4)
+    priors = Priors(eta=(1.0, 1.0))
+    assert not _fit(sim.votes, priors, "em", max_iter=300).converged
+    trace, seen = [], []
+    fit = _fit(sim.votes, priors, "auto", trace=trace, progress=lambda it, obj: seen.append((it, obj)))
+    assert fit.converged and fit.iterations <= 10 and not any("without converging" in w for w in fit.warnings)
+    assert (np.diff(trace) >= 0).all() and trace[-1] == fit.objective
+    assert [obj for _, obj in seen] == trace[1:] and seen[-1][0] == fit.iterations
+    assert fit.mu[2] == 1 - 1e-9   # on EM's clamp
+
+
+def test_sparse_and_dense_curvature_agree(monkeypatch):
+    sim = simulate(300, 12, pairs=default_pairs(4, 0.75), eta_prior=(3, 3), position_share=1.0, seed=3)
+    priors = priors_from_dict({"population": {"eta": "Beta(2, 2)"}, "behaviour": {"casual": "position"}})
+    dense = _fit(sim.votes, priors, "newton")
+    monkeypatch.setattr(em, "DENSE_SCHUR_COLS", 0)
+    sparse = _fit(sim.votes, priors, "newton")
+    assert np.abs(sparse.mu - dense.mu).max() < 1e-9 and sparse.rho == pytest.approx(dense.rho, abs=1e-9)
+    assert sparse.iterations == dense.iterations
+
+
+def test_nothing_global_to_fit_is_one_eta_solve():
+    sim = simulate(200, 10, seed=5)
+    priors = Priors(eta=(2.0, 3.0), pairs=(PairPrior("strong-model", "weak-model", mu=0.8),))
+    trace: list[float] = []
+    plain, newton = _agree(sim.votes, priors)
+    fit = _fit(sim.votes, priors, "newton", trace=trace)
+    assert fit.iterations == 1 and fit.converged and len(trace) == 2
+
+
+def test_per_user_rho_is_fitted_by_plain_em():
+    sim = simulate(150, 10, position_share=1.0, seed=6)
+    priors = priors_from_dict({"population": {"eta": "Beta(2, 2)"},
+                               "behaviour": {"casual": "position", "rho_per_user": "Beta(2, 2)"}})
+    auto, plain = _fit(sim.votes, priors, "auto", max_iter=50), _fit(sim.votes, priors, "em", max_iter=50)
+    assert auto.iterations == plain.iterations and np.array_equal(auto.eta_map, plain.eta_map)
+    with pytest.raises(InputError, match="solver"):
+        _fit(sim.votes, priors, "squarem")
