@@ -6,8 +6,8 @@ where the density L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b is smooth; the mass 
 added in closed form (there L_u is flat and the density is e^(a x) / B(a, b) to relative 1e-9).
 The mode (``eta_hat``) is the grid maximum of the density in eta, refined by safeguarded Newton.
 
-Cost: per chunk of users one sparse product, one max, one exp and one cumulative sum over the
-[users, M] grid; everything else reads a few grid cells per user.
+Cost: per chunk of users one sparse product, a max, an exp and a cumulative sum over the [users, M]
+grid; the summaries read a few grid cells per user (gathered per chunk, computed per block of users).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def _grid_size(n_max: int) -> int:
     return int(np.clip(100.0 * math.sqrt(n_max + 1.0), 400, 4000))
 
 
-
 def _table(plan: QuadraturePlan, bk: Bucket, eta: torch.Tensor, mu: torch.Tensor,
            rho: torch.Tensor | None) -> torch.Tensor:
     """count_q log(c_q + eta_g (m_q - c_q)) for the bucket's patterns q and points g, [Q, G] (once per bucket)."""
@@ -87,8 +86,8 @@ def _block_summaries(v: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: tor
 
     Inside [x_(j-1), x_j] the density is taken as linear, F = F_(j-1) + h (s d_(j-1) + s^2 (d_j - d_(j-1)) / 2) / Z,
     solved for s; below x_0 (above x_(M-1)) F ~ C e^(a x) (1 - F ~ C e^(-b x)) is inverted.
-    ``v`` [B, 5] = (d_0, d_1, d_(M-2), d_(M-1), S_(M-1)); ``tau`` = (j, s, span, td [B, 3], ts [B]) puts x_tau at
-    x_(j-1) + s h, with d on cells (max(j-2, 0), j-1, j), S_(j-1) and span = j - max(j-2, 0).
+    ``v`` [B, 5] = (d_0, d_1, d_(M-2), d_(M-1), S_(M-1)); ``tau`` = (s, span, td [B, 3], ts [B]) for x_tau at
+    x_(j-1) + s h: d on cells (max(j-2, 0), j-1, j), S_(j-1) and span = j - max(j-2, 0).
     """
     M = x.shape[0]
     d0, d1, dm2, dm1, s_last = v.unbind(1)
@@ -116,7 +115,7 @@ def _block_summaries(v: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: tor
     xq = torch.where((jq > 0) & (jq < M), xq, torch.where(jq <= 0, low_tail, high_tail))
     if tau is None:
         return xq, None
-    _, s, span_t, td, ts = tau
+    s, span_t, td, ts = tau
     c_tau = h * (ts - 0.5 * (d0 + td[:, 1])) - h * h / 12.0 * ((td[:, 2] - td[:, 0]) / (span_t * h) - slope0)
     f_tau = (tail_lo + c_tau + h * (s * td[:, 1] + 0.5 * s * s * (td[:, 2] - td[:, 1]))) / total
     return xq, f_tau
@@ -171,12 +170,13 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
             xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.n_nodes, RHO_NODE_CAP))
             n_rho = xr.shape[0]
             tab = _table(plan, bk, torch.sigmoid(x).repeat_interleave(n_rho), mu, xr.repeat(M))
-        search = _search_weights(h, pa, pb, ps)
+        search = _search_weights(h, pa, pb, ps).t().contiguous()   # [P, 5]: a small mv beats a [R, 5] @ [5, P] mm
         ends = torch.tensor([0, 1, M - 2, M - 1], device=dev)
         if tau is not None:
             xt = math.log(tau / (1 - tau))
             jt = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
             tau_cells = torch.tensor([max(jt - 2, 0), jt - 1, jt], device=dev)
+            s_tau = (xt - float(x[jt - 1])) / h
         rows = max(1, MAX_ELEMENTS // (M * n_rho))
         chunks = bk.row_chunks(rows)
         g_buf = torch.empty(min(rows, len(bk.users)), M * n_rho, dtype=dt, device=dev)
@@ -210,7 +210,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
                 d = g.add_(jacobian).sub_(top[:, None]).exp_()           # density in x, max in [e^-20.7, 1/4]
                 cum = torch.cumsum(d, 1, out=c_buf[:R])
                 torch.cat([d.index_select(1, ends), cum[:, -1:]], 1, out=v[r0:r1])
-                kk = torch.searchsorted(cum, v[r0:r1] @ search)
+                kk = torch.searchsorted(cum, torch.stack([torch.mv(v[r0:r1], w) for w in search], 1))
                 k[r0:r1] = kk
                 idx = (kk[:, :, None] + win).clamp_(0, M - 1).view(R, P * 7)
                 torch.gather(d, 1, idx, out=dw[r0:r1].view(R, P * 7))
@@ -221,7 +221,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
             users = bk.users[first:first + B]
             m1, m2 = moments @ torch.softmax(lq_t, dim=0)
             mean[users], sd[users] = m1, (m2 - m1 * m1).clamp_min(0).sqrt()
-            tau_at = None if tau is None else (jt, (xt - float(x[jt - 1])) / h, jt - max(jt - 2, 0), td, ts)
+            tau_at = None if tau is None else (s_tau, jt - max(jt - 2, 0), td, ts)
             xs, f_tau = _block_summaries(v, k, dw, sw, x, h, pa, pb, ps, tau_at)
             eta_q = torch.sigmoid(xs)
             lo[users], hi[users] = eta_q[:, 0], eta_q[:, 1]
@@ -258,7 +258,7 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
     cr = bk.incidence.crow_indices()[first:first + n_rows + 1].long()
     q = bk.incidence.col_indices()[cr[0]:cr[-1]].long()
     row = torch.repeat_interleave(torch.arange(n_rows, device=dev), cr.diff(), output_size=q.shape[0])
-    c, d, cnt = c_q[q], d_q[q], cnt_q[q]
+    c, d, cnt = c_q.index_select(0, q), d_q.index_select(0, q), cnt_q.index_select(0, q)
     lo = torch.sigmoid(x[(j - 1).clamp_min(0)])
     hi = torch.sigmoid(x[(j + 1).clamp_max(M - 1)])
     gm, g0, gp = g3.unbind(1)                      # the parabola through the grid maximum and its neighbours

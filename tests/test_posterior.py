@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy import integrate, optimize
+from scipy import integrate, optimize, special
 
-from heedful.inference.posterior import user_posterior
+from heedful.inference import posterior
+from heedful.inference.posterior import X_EDGE, _grid_size, user_posterior
 from heedful.model.likelihood import build_plan
 from heedful.suffstats import vote_stats
 
@@ -61,3 +62,112 @@ def test_mean_mode_interval_and_tail_match_quadrature(a, b, rho):
             assert post.mode[u] == pytest.approx(res.x, abs=1e-6)
         else:   # a < 1: the density is unbounded at 0 (or 1); the mode is there, or at the interior maximum
             assert post.mode[u] in (0.0, 1.0) or post.mode[u] == pytest.approx(res.x, abs=1e-6)
+
+
+def _spread_votes(counts: list[int], seed: int) -> pd.DataFrame:
+    """Users with the given vote counts over two pairs (mu 0.8 and 0.65), the shown order recorded."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u, n in enumerate(counts):
+        for _ in range(n):
+            pair = rng.integers(2)
+            rows.append({"user_id": f"u{u}", "model_a": "AC"[pair], "model_b": "BD"[pair],
+                         "choice": rng.choice(["a", "b"], p=[0.7, 0.3]), "shown_first": rng.choice(["a", "b"])})
+    return pd.DataFrame(rows)
+
+
+def _reference(lik, a: float, b: float, tau: float, score=None) -> dict[str, float]:
+    """Mean, 5% and 95% quantiles, P(eta > tau) and mode of lik(eta) Beta(eta; a, b) by adaptive quadrature.
+
+    The mode is the root of ``score`` (d/d eta log lik) + (a-1)/eta - (b-1)/(1-eta) when given and bracketed,
+    else the bounded minimum of minus the log density (good to about 1e-8).
+    """
+    def quad(f, lo, hi, wvar):
+        return integrate.quad(f, lo, hi, weight="alg", wvar=wvar, limit=200, epsabs=1e-14, epsrel=1e-12)[0]
+
+    z = quad(lik, 0, 1, (a - 1, b - 1))
+
+    def cdf(t):   # each endpoint's singularity in the weight: integrate from the nearer end
+        if t <= 0.5:
+            return quad(lambda e: lik(e) * (1 - e) ** (b - 1), 0, t, (a - 1, 0)) / z
+        return 1 - quad(lambda e: lik(e) * e ** (a - 1), t, 1, (0, b - 1)) / z
+
+    res = optimize.minimize_scalar(lambda e: -(np.log(lik(e)) + (a - 1) * np.log(e) + (b - 1) * np.log1p(-e)),
+                                   bounds=(1e-12, 1 - 1e-12), method="bounded", options={"xatol": 1e-11})
+    mode = res.x
+    if score is not None:
+        def grad(e):
+            return score(e) + (a - 1) / e - (b - 1) / (1 - e)
+
+        if grad(1e-12) > 0 > grad(1 - 1e-12):
+            mode = optimize.brentq(grad, 1e-12, 1 - 1e-12, xtol=1e-15, rtol=1e-15)
+    return {"mean": quad(lambda e: e * lik(e), 0, 1, (a - 1, b - 1)) / z,
+            "lo": optimize.brentq(lambda t: cdf(t) - 0.05, 1e-14, 1 - 1e-14, xtol=1e-13),
+            "hi": optimize.brentq(lambda t: cdf(t) - 0.95, 1e-14, 1 - 1e-14, xtol=1e-13),
+            "tail": quad(lambda e: lik(e) * e ** (a - 1), tau, 1, (0, b - 1)) / z, "mode": mode}
+
+
+@pytest.mark.parametrize("a, b, rho, rho_prior", [(0.6, 0.8, 0.75, None), (2.0, 1.5, None, None),
+                                                  (1.5, 0.4, None, None), (2.5, 3.0, None, (4.0, 2.0))])
+def test_summaries_match_quadrature_over_a_spread_of_users(a, b, rho, rho_prior):
+    """1 to 300 votes (to 90 with a per-user rho), a and b below 1, two pairs, against adaptive quadrature."""
+    counts = [1, 2, 4, 9, 20, 45, 90] + ([] if rho_prior else [300])
+    df = _spread_votes(counts, seed=7)
+    st = vote_stats(df)
+    mu = {("A", "B"): 0.8, ("C", "D"): 0.65}
+    plan = build_plan(st, torch.device("cpu"), F64)
+    tau = 0.55
+    post = user_posterior(plan, st.tensors(torch.device("cpu"), F64), a, b,
+                          torch.tensor([mu[p] for p in st.pairs], dtype=F64), rho, tau=tau, rho_prior=rho_prior)
+    steps = {}
+    for bk in plan.buckets:
+        for u in bk.users.tolist():
+            steps[u] = 2 * X_EDGE / (_grid_size(2 * bk.n_nodes) - 1)
+    for u in range(st.n_users):
+        d = df[df.user_id == st.users[u]]
+        y = (d.choice == "a").to_numpy()
+        pm = np.array([mu[(ma, mb)] for ma, mb in zip(d.model_a, d.model_b, strict=True)])
+        m = np.where(y, pm, 1 - pm)
+        first = (y == (d.shown_first == "a").to_numpy())   # picked the first-shown answer
+
+        if rho_prior is None:
+            c = np.full(len(d), 0.5) if rho is None else np.where(first, rho, 1 - rho)
+
+            def lik(e, m=m, c=c):
+                return np.exp(np.log(np.multiply.outer(e, m - c) + c).sum(-1))
+
+            def score(e, m=m, c=c):
+                return ((m - c) / (c + e * (m - c))).sum()
+        else:   # rho_u ~ Beta(rho_prior) integrated out exactly: L is a polynomial of degree n in rho
+            t, w = special.roots_jacobi(len(d) // 2 + 2, rho_prior[1] - 1, rho_prior[0] - 1)
+            r, w = (1 + t) / 2, w / w.sum()
+            c = np.where(first[None, :], r[:, None], 1 - r[:, None])          # [nodes, votes]
+
+            def lik(e, m=m, c=c, w=w):
+                return np.exp(np.log(np.multiply.outer(e, m - c) + c).sum(-1)) @ w
+
+            score = None
+        ref = _reference(lik, a, b, tau, score)
+        assert post.mean[u] == pytest.approx(ref["mean"], abs=1e-8)
+        assert post.lo[u] == pytest.approx(ref["lo"], abs=1e-4)
+        assert post.hi[u] == pytest.approx(ref["hi"], abs=1e-4)
+        assert post.prob_above[u] == pytest.approx(ref["tail"], abs=1e-4)
+        if rho_prior is not None:   # the rho-marginal mode is the grid maximum: within half a step in logit
+            assert abs(special.logit(post.mode[u]) - special.logit(ref["mode"])) <= steps[u] / 2 + 1e-9
+        elif a >= 1 and b >= 1:
+            assert post.mode[u] == pytest.approx(ref["mode"], abs=1e-10)
+        else:   # the density is unbounded at 0 (or 1): the mode is there, or at the interior maximum
+            assert post.mode[u] in (0.0, 1.0) or post.mode[u] == pytest.approx(ref["mode"], abs=1e-10)
+
+
+def test_summaries_do_not_depend_on_chunks_and_blocks(monkeypatch):
+    df = _spread_votes([1, 3, 3, 5, 8, 8, 8, 13, 30, 30, 70], seed=3)
+    st = vote_stats(df)
+    plan = build_plan(st, torch.device("cpu"), F64)
+    args = (plan, st.tensors(torch.device("cpu"), F64), 1.7, 2.2, torch.tensor([0.8, 0.65], dtype=F64), 0.7)
+    whole = user_posterior(*args, tau=0.5)
+    monkeypatch.setattr(posterior, "MAX_ELEMENTS", 900)    # two or three users per chunk
+    monkeypatch.setattr(posterior, "BLOCK_ROWS", 4)        # a block or two of chunks
+    pieces = user_posterior(*args, tau=0.5)
+    for f in ("mean", "sd", "lo", "hi", "prob_above", "mode"):
+        np.testing.assert_array_equal(getattr(whole, f), getattr(pieces, f), err_msg=f)
