@@ -9,7 +9,8 @@ Plain EM (``solver="em"``), one iteration = one E-step and one M-step:
   M-step:  eta_u = (sum_cells n r + a - 1) / (n_u + a + b - 2)
            mu_p  = (A_p + gold_a + alpha - 1) / (A_p + B_p + gold_n + alpha + beta - 2),
                    A_p, B_p = attentive picks of canonical A / B on votes without a gold label
-           rho   = casual picks of the first-shown answer / casual votes with a known order.
+           rho   = (casual picks of the first-shown answer + a_r - 1) / (casual votes with a known order
+                   + a_r + b_r - 2), Beta(a_r, b_r) the prior of rho.
 It converges linearly, slowly where eta and mu trade off (hundreds to thousands of iterations).
 
 Profile Newton (``solver="newton"``, the default) reaches the same fixed point: EM's M-step clamps
@@ -67,7 +68,7 @@ def em_objective(eta: torch.Tensor, g: Globals, spec: GlobalSpec, plan: Quadratu
     if per_user:
         ra, rb = g.rho_prior
         lp = lp + (torch.xlogy(ra - 1.0, g.rho) + torch.xlogy(rb - 1.0, 1 - g.rho)).sum()
-    return ll + lp + spec.log_prior(torch.zeros(0, dtype=eta.dtype), g._replace(rho=None))
+    return ll + lp + spec.log_prior(torch.zeros(0, dtype=eta.dtype), g._replace(rho=None) if per_user else g)
 
 
 Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, int, bool]   # eta, mu, rho, F, it, conv
@@ -131,7 +132,7 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         gl = mu_spec.unpack(th)
         return torch.autograd.grad(-(log_marginal(plan, *gl) + mu_spec.log_prior(th, gl)), th)[0]
 
-    H = hessian_fd(grad, theta) if theta.numel() else np.zeros((0, 0))
+    H = hessian_fd(grad, theta, 1e-6, central=False) if theta.numel() else np.zeros((0, 0))
     cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
     if w:
         warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "
@@ -189,7 +190,8 @@ def _plain_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: d
         if spec.rho_user:
             lp = lp + (torch.xlogy(rho_prior[0] - 1.0, rho) + torch.xlogy(rho_prior[1] - 1.0, 1 - rho)).sum()
         ll = torch.xlogy(cnt, b_q, out=b_t).sum() + gold_loglik(plan, mu)
-        return float(ll + lp + spec.log_prior(torch.zeros(0, dtype=dt), g._replace(rho=None))), (b_e, b_m, b_c, b_q)
+        g = g._replace(rho=None) if spec.rho_user else g     # a global rho keeps its Beta prior
+        return float(ll + lp + spec.log_prior(torch.zeros(0, dtype=dt), g)), (b_e, b_m, b_c, b_q)
 
     prev, state = objective(eta, mu, rho)
     if trace is not None:
@@ -214,7 +216,9 @@ def _plain_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: d
         mu = torch.where(free, mu_new, mu)
         if spec.learn_rho:
             cas = cnt * (1 - r) * known_order
-            rho = ((cas * (first == 1)).sum() / cas.sum().clamp_min(1e-300)).clamp(1e-9, 1 - 1e-9)
+            ra, rb = spec.rho_prior
+            rho = (((cas * (first == 1)).sum() + ra - 1) / (cas.sum() + ra + rb - 2).clamp_min(1e-300)).clamp(
+                1e-9, 1 - 1e-9)
         elif spec.rho_user:
             cas = cnt * (1 - r) * known_order
             num = torch.zeros(U, dtype=dt, device=dev).index_add_(0, cu, cas * (first == 1)) + rho_prior[0] - 1
@@ -339,7 +343,7 @@ class _Profile:
         c_k = casual_prob(kinds.first, rho_t).to(dt)
         torch.index_select(c_k, 0, self.kind, out=self.b_c)
         torch.index_select(kinds.attentive_prob(mu_t) - c_k, 0, self.kind, out=self.b_d)
-        g = Globals(self.at, self.bt, mu_t, None)
+        g = Globals(self.at, self.bt, mu_t, rho_t if self.learn_rho else None)
         self.glob = float(gold_loglik(self.plan, mu_t) + self.spec.log_prior(torch.zeros(0, dtype=dt), g))
 
     def cell_pass(self, eta: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +443,7 @@ class _Profile:
                 | ((g > 0) & (eta >= self.ub)) | ((g < 0) & (eta <= 0)))
 
     # -- the outer problem in theta -----------------------------------------------------------------------
-    def curvature(self, eta: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mu: np.ndarray
+    def curvature(self, eta: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mu: np.ndarray, rho: float | None = None
                   ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
         """dG/dtheta and d2G/dtheta2 (numpy); w_u = 1 / -f_u'', V [U, D] sparse CSR and r = w f' (the Newton
         step each user has left) for eta*(theta + dx) ~ eta + r + w V dx.
@@ -475,6 +479,10 @@ class _Profile:
         mf = mu[F]
         grad[:nf] += ga[F] / mf - gb[F] / (1 - mf)
         H[range(nf), range(nf)] -= ga[F] / mf**2 + gb[F] / (1 - mf) ** 2
+        if self.learn_rho and rho is not None:      # the Beta(ra, rb) prior of a learned rho
+            ra, rb = self.spec.rho_prior
+            grad[-1] += (ra - 1) / rho - (rb - 1) / (1 - rho)
+            H[-1, -1] -= (ra - 1) / rho**2 + (rb - 1) / (1 - rho) ** 2
         interior = (h < 0) & ~((eta <= 0) & (g <= 0)) & ~((eta >= self.ub) & (g >= 0))
         w = torch.where(interior, 1 / -h, torch.zeros_like(h))
         r = w * g
@@ -563,7 +571,7 @@ class _Profile:
         record(obj)
         polished, last_step = converged, None
         while not converged and it < max_iter:
-            grad, Hs, w, V, r = self.curvature(eta, g, h, put(x)[0])
+            grad, Hs, w, V, r = self.curvature(eta, g, h, *put(x))
             scale = tol * max(1.0, abs(obj))
             out = ((x <= lb) & (grad < 0)) | ((x >= ubx) & (grad > 0))
             step = np.zeros(D)

@@ -72,6 +72,18 @@ def test_newton_reaches_plain_em_fixed_point_with_gold_position_bias_and_known_m
     assert newton.mu[0] == 0.6
 
 
+def test_a_beta_prior_on_rho_enters_both_solvers():
+    """behaviour.rho = "Beta(a, b)": plain EM's M-step and the Newton step both maximise F + log Beta(rho)."""
+    sim = simulate(300, 10, pairs=default_pairs(2, 0.8), eta_prior=(2, 2), position_share=1.0, position_rho=0.8,
+                   seed=21)
+    flat = {"population": {"eta": "Beta(2, 2)"}, "behaviour": {"casual": "position"}}
+    strong = {"population": {"eta": "Beta(2, 2)"}, "behaviour": {"casual": "position", "rho": "Beta(50, 50)"}}
+    plain, newton = _agree(sim.votes, priors_from_dict(strong))
+    assert newton.rho == pytest.approx(plain.rho, abs=1e-6)
+    free = _fit(sim.votes, priors_from_dict(flat), "newton")
+    assert abs(newton.rho - 0.5) < abs(free.rho - 0.5) - 0.05     # pulled towards the prior's mean
+
+
 def test_newton_converges_where_plain_em_crawls():
     """Beta(1, 1) and mu on its bound: plain EM is still short of tol after 300 iterations; Newton needs a few.
     The trace never falls, ends at the returned objective, and progress sees every value after the first."""
