@@ -5,6 +5,8 @@
     python benchmarks/posterior.py svi         # 1,000,000 users x 20 votes, SVI to convergence
     python benchmarks/posterior.py svi-small   # 5,000 users: SVI coverage and widths vs NUTS
     python benchmarks/posterior.py all
+    python benchmarks/posterior.py user-posterior --stats votes.pkl [--compare old_posterior.py]
+                                               # per-user summaries (user_posterior) alone, timed
 
 Simulated data: ``heedful.simulate`` with eta ~ Beta(3, 5), one pair with mu = 0.8. mu is given as
 known in the config (as the design notes say, mu alone is weakly identified from the population), the
@@ -103,23 +105,73 @@ def run_svi(users: int, priors: Priors, seed: int = 2, nuts: Attentiveness | Non
     return m
 
 
+def run_user_posterior(stats_path: str | None, users: int, reps: int, compare: str | None) -> None:
+    """Time ``user_posterior`` (a = 2, b = 1.5, mu from 0.6 to 0.9 over the pairs, tau = 1/2) on pickled VoteStats
+    (or simulated: ``users`` x 10 votes over 10 pairs), interleaved with the same function from the file
+    ``compare`` (say, an older posterior.py) when given; prints wall and CPU seconds and the largest differences."""
+    import importlib.util
+    import pickle
+
+    from heedful.inference import posterior
+    from heedful.model.likelihood import build_plan
+    from heedful.simulate import default_pairs
+    from heedful.suffstats import vote_stats
+
+    if stats_path:
+        with open(stats_path, "rb") as f:
+            stats = pickle.load(f)
+    else:
+        stats = vote_stats(simulate(users, 10, pairs=default_pairs(10, 0.8), vote_counts="geometric", seed=3).votes)
+    cpu, f64 = torch.device("cpu"), torch.float64
+    plan, cells = build_plan(stats, cpu, f64), stats.tensors(cpu, f64)
+    mu = torch.linspace(0.6, 0.9, stats.n_pairs, dtype=f64)
+    print(f"user_posterior: {stats.n_users:,} users, {stats.n_votes:,} votes, {len(stats.cell_user):,} cells, "
+          f"{torch.get_num_threads()} threads; load {_load()}")
+    funcs = {"this": posterior.user_posterior}
+    if compare:
+        spec = importlib.util.spec_from_file_location("posterior_compare", compare)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        funcs = {"compare": mod.user_posterior, **funcs}
+    best, out = {}, {}
+    for rep in range(reps):
+        for name, fn in funcs.items():
+            t, c = time.perf_counter(), time.process_time()
+            out[name] = fn(plan, cells, 2.0, 1.5, mu, None, tau=0.5)
+            wall, cpu_s = time.perf_counter() - t, time.process_time() - c
+            best[name] = min(best.get(name, (np.inf, np.inf)), (wall, cpu_s))
+            print(f"  rep {rep} {name}: wall {wall:.2f} s, cpu {cpu_s:.2f} s; load {_load()}")
+    for name, (wall, cpu_s) in best.items():
+        print(f"  best {name}: wall {wall:.2f} s, cpu {cpu_s:.2f} s")
+    if compare:
+        print(f"  wall ratio compare/this {best['compare'][0] / best['this'][0]:.2f}; max |this - compare|: "
+              + ", ".join(f"{k} {np.max(np.abs(getattr(out['this'], k) - getattr(out['compare'], k))):.1e}"
+                          for k in ("lo", "hi", "prob_above", "mode", "mean", "sd")))
+
+
 def main() -> None:
     import builtins
     import functools
 
     builtins.print = functools.partial(print, flush=True)   # progress shows up in redirected logs
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["collapsed", "full", "svi", "svi-small", "all"])
+    p.add_argument("what", choices=["collapsed", "full", "svi", "svi-small", "all", "user-posterior"])
     p.add_argument("--users", type=int)
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--mu-free", action="store_true", help="learn mu (flat prior) instead of knowing it")
     p.add_argument("--cache", help="folder to keep simulated statistics between runs")
     p.add_argument("--untied", action="store_true", help="svi: one guide row per user (no tying)")
+    p.add_argument("--stats", help="user-posterior: pickled VoteStats to time on (default: simulated)")
+    p.add_argument("--compare", help="user-posterior: a posterior.py file whose user_posterior to time alongside")
+    p.add_argument("--reps", type=int, default=3, help="user-posterior: interleaved repetitions")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("HEEDFUL_THREADS", "2")))
     priors = Priors() if args.mu_free else KNOWN
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {_load()}")
+    if args.what == "user-posterior":
+        run_user_posterior(args.stats, args.users or 1_000_000, args.reps, args.compare)
+        return
     nuts = None
     if args.what in ("collapsed", "all"):
         nuts = run_nuts(args.users or 5000, "collapsed", args.draws, args.chains, priors)
