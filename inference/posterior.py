@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats as sstats
+from scipy import special
 
 from heedful.model.likelihood import (
     RHO_NODE_CAP,
@@ -32,6 +32,7 @@ from heedful.model.quadrature import gauss_jacobi
 X_EDGE = 20.0
 MAX_ELEMENTS = 500_000     # grid cells per chunk (4 MB: cache-sized): bounds memory whatever the number of users
 BLOCK_ROWS = 1 << 16       # users per block of the per-user summaries and the mode refinement
+GPU_ELEMENTS, GPU_BLOCK_ROWS = 1 << 25, 1 << 20   # on a GPU: fewer, larger kernels (results do not change)
 STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
 
 
@@ -137,7 +138,6 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
     rho_t = None if rho is None else torch.tensor(float(rho), dtype=dt, device=dev)
     U = plan.n_users
     pa, pb = float(a), float(b)
-    prior = sstats.beta(pa, pb)
     alpha = (1.0 - level) / 2.0
     ps = torch.tensor([alpha, 1 - alpha], dtype=dt, device=dev)
     P = ps.shape[0]
@@ -145,8 +145,11 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
     def full(v: float) -> torch.Tensor:
         return torch.full((U,), float(v), dtype=dt, device=dev)
 
-    mean, sd, lo, hi = full(prior.mean()), full(prior.std()), full(prior.ppf(alpha)), full(prior.ppf(1 - alpha))
-    p_above = full(prior.sf(tau)) if tau is not None else None
+    # users without votes keep the prior Beta(a, b): its mean, sd, quantiles and tail
+    prior_sd = math.sqrt(pa * pb / ((pa + pb) ** 2 * (pa + pb + 1)))
+    mean, sd = full(pa / (pa + pb)), full(prior_sd)
+    lo, hi = full(special.betaincinv(pa, pb, alpha)), full(special.betaincinv(pa, pb, 1 - alpha))
+    p_above = full(special.betainc(pb, pa, 1 - tau)) if tau is not None else None
     if rho_prior is None:
         mode = full(((pa - 1) / (pa + pb - 2)) if (pa > 1 and pb > 1) else (0.0 if pa <= pb else 1.0))
     else:
@@ -177,11 +180,13 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
             jt = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
             tau_cells = torch.tensor([max(jt - 2, 0), jt - 1, jt], device=dev)
             s_tau = (xt - float(x[jt - 1])) / h
-        rows = max(1, MAX_ELEMENTS // (M * n_rho))
+        max_elements, block_rows = (GPU_ELEMENTS, GPU_BLOCK_ROWS) if dev.type == "cuda" else (MAX_ELEMENTS,
+                                                                                   BLOCK_ROWS)
+        rows = max(1, max_elements // (M * n_rho))
         chunks = bk.row_chunks(rows)
         g_buf = torch.empty(min(rows, len(bk.users)), M * n_rho, dtype=dt, device=dev)
         c_buf = torch.empty(min(rows, len(bk.users)), M, dtype=dt, device=dev)
-        per_block = max(1, BLOCK_ROWS // rows)
+        per_block = max(1, block_rows // rows)
         for c0 in range(0, len(chunks), per_block):
             group = chunks[c0:c0 + per_block]
             first = group[0][0]
