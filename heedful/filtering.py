@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from heedful.errors import InputError
 from heedful.votes import CHOICES, REQUIRED, SIDES
@@ -326,7 +326,7 @@ def filter_votes(
         mean_s, prob_s = posterior_from_votes(clean, fit, rule.tau)
         a, b = fit.eta_prior   # users of the fit with no scored votes here keep their prior
         mean = mean_s.reindex(users.user_key).fillna(a / (a + b)).to_numpy(dtype=float)
-        prob = prob_s.reindex(users.user_key).fillna(float(stats.beta.sf(rule.tau, a, b))).to_numpy(dtype=float)
+        prob = prob_s.reindex(users.user_key).fillna(float(special.betainc(b, a, 1 - rule.tau))).to_numpy(dtype=float)
         gap = np.abs(mean - users.eta_mean.to_numpy(dtype=float))
         if len(gap) and np.nanmax(gap) > 0.02:
             warnings.append(

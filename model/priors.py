@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import ast
 import math
+from typing import TYPE_CHECKING
 
-import pyro.distributions as dist
 import torch
 
 from heedful.errors import ConfigError
 
-# name -> (constructor, number of arguments, support)
-ALLOWED: dict[str, tuple[type, int, str]] = {
-    "Beta": (dist.Beta, 2, "unit"),
-    "Uniform": (dist.Uniform, 2, "real"),
-    "Gamma": (dist.Gamma, 2, "positive"),
-    "LogNormal": (dist.LogNormal, 2, "positive"),
-    "Exponential": (dist.Exponential, 1, "positive"),
-    "HalfNormal": (dist.HalfNormal, 1, "positive"),
-    "HalfCauchy": (dist.HalfCauchy, 1, "positive"),
-    "Normal": (dist.Normal, 2, "real"),
+if TYPE_CHECKING:
+    import pyro.distributions as dist
+
+# name -> (its pyro.distributions class, number of arguments, support); Pyro is imported when one is built
+ALLOWED: dict[str, tuple[str, int, str]] = {
+    "Beta": ("Beta", 2, "unit"),
+    "Uniform": ("Uniform", 2, "real"),
+    "Gamma": ("Gamma", 2, "positive"),
+    "LogNormal": ("LogNormal", 2, "positive"),
+    "Exponential": ("Exponential", 1, "positive"),
+    "HalfNormal": ("HalfNormal", 1, "positive"),
+    "HalfCauchy": ("HalfCauchy", 1, "positive"),
+    "Normal": ("Normal", 2, "real"),
 }
 
 
@@ -66,7 +69,9 @@ def parse_distribution(text: str) -> tuple[str, tuple[float, ...]]:
 
 
 def make_distribution(name: str, args: tuple[float, ...], dtype: torch.dtype = torch.float64) -> dist.Distribution:
-    ctor, _, _ = ALLOWED[name]
+    import pyro.distributions
+
+    ctor = getattr(pyro.distributions, ALLOWED[name][0])
     return ctor(*(torch.tensor(v, dtype=dtype) for v in args), validate_args=True)
 
 
