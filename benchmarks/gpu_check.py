@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fit_speed import FLOOR, heedful_cmd, load, run  # noqa: E402
 
-SIZES = {"1m": (100_000, 1), "100m": (10_000_000, 16), "dry": (2_000, 4)}     # users (10 votes each), files
+# users (10 votes each), files; "dry": a quick rehearsal with --device cpu
+SIZES = {"1m": (100_000, 1), "100m": (10_000_000, 16), "dry": (2_000, 4)}
 
 
 def data_dir(root: Path, size: str) -> Path:
@@ -45,11 +46,17 @@ def data_dir(root: Path, size: str) -> Path:
     return folder
 
 
+OUT: Path | None = None
+
+
 def emit(row: dict, rows: list[dict] | None = None) -> None:
+    """Print a figure as a JSON line and rewrite --out with every figure so far (a run cut short keeps them)."""
     row = {"load": load(), **row}
     print(json.dumps(row), flush=True)
     if rows is not None:
         rows.append(row)
+        if OUT is not None:
+            OUT.write_text(json.dumps(rows, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda", help="the device compared with cpu (cpu here: a dry run)")
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
+    global OUT
+    OUT = args.out
     import torch
 
     heedful = heedful_cmd()
@@ -95,8 +104,6 @@ def main(argv: list[str] | None = None) -> None:
                   "rows": params["n_rows"], "users": params["n_users"], "iterations": params["iterations"],
                   "converged": params["converged"], "timings_s": params.get("timings_s"),
                   "mu": [round(m["mu"], 4) for m in params["mu"]]}, rows)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
