@@ -299,7 +299,12 @@ def _encode_fast(batch: pa.RecordBatch) -> _Batch:
     if "" in sa or "" in sb:
         raise _Fallback
     nb = len(sb)
-    combo, inv = np.unique(ca * nb + cb, return_inverse=True) if len(ca) else (np.zeros(0, np.int64), ca)
+    code = ca * nb + cb
+    if len(sa) * nb <= 4 * len(code) + 1024:     # few models (the usual case): a dense table, no sort
+        seen = np.bincount(code, minlength=len(sa) * nb) > 0
+        combo, inv = np.flatnonzero(seen), (np.cumsum(seen) - 1)[code]
+    else:
+        combo, inv = np.unique(code, return_inverse=True)
     pairs: list[tuple[str, str]] = []
     pair_of: dict[tuple[str, str], int] = {}
     c_pair = np.empty(len(combo), dtype=np.int64)
