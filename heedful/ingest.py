@@ -264,6 +264,11 @@ def _dict(col: pa.Array) -> tuple[np.ndarray, list]:
     return codes.astype(np.int64, copy=False), enc.dictionary.to_pylist()
 
 
+def _any_blank(col: pa.Array) -> bool:
+    """Whether a string is empty or only whitespace (no trimmed copy of the strings is made)."""
+    return bool(pc.any(pc.or_(pc.equal(pc.binary_length(col), 0), pc.utf8_is_space(col))).as_py())
+
+
 def _text(v: object) -> str:
     return "" if v is None else str(v).strip()
 
@@ -288,7 +293,7 @@ def _encode_fast(batch: pa.RecordBatch) -> _Batch:
     if not (_is_text(user_col.type) or pa.types.is_integer(user_col.type)) or user_col.null_count:
         raise _Fallback
     uenc = pc.dictionary_encode(user_col)
-    if _is_text(user_col.type) and pc.any(pc.equal(pc.utf8_trim_whitespace(uenc.dictionary), "")).as_py():
+    if _is_text(user_col.type) and _any_blank(uenc.dictionary):
         raise _Fallback
     user = uenc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     ca, va = _dict(batch.column("model_a"))
@@ -804,7 +809,7 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int, users: UserInde
     if "vote_id" in batch.schema.names:
         col = batch.column("vote_id")
         ok = (_is_text(col.type) or pa.types.is_integer(col.type)) and not col.null_count and not (
-            _is_text(col.type) and pc.any(pc.equal(pc.utf8_trim_whitespace(col), "")).as_py())
+            _is_text(col.type) and _any_blank(col))
         if not ok:
             _encode_pandas(batch, source, row0)        # raises validate_votes' message for a blank id
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
