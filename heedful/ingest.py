@@ -472,15 +472,16 @@ def duplicate_id_error(ids: pd.Series, rows: list[int], sources: list, label: st
 class UserIndex:
     """Global user codes in order of first appearance, looked up through sorted 64-bit hashes of the ids.
 
-    Each lookup is confirmed on the ids themselves (a found code must hold an equal id, new ids must be
-    distinct); should two distinct ids ever share a hash, the index falls back to exact matching with
-    Arrow's ``index_in`` for good. Cost per batch: O(distinct ids x log users), not O(users).
+    The hashes live in a few sorted runs (a new batch's users form a run; runs of similar size are
+    merged, so there are O(log users) of them and each hash is merged O(log users) times). Each lookup
+    is confirmed on the ids themselves (a found code must hold an equal id, new ids must be distinct);
+    should two distinct ids ever share a hash, the index falls back to exact matching with Arrow's
+    ``index_in`` for good. Cost per batch: O(distinct ids x log users), never O(users).
     """
 
     chunks: list[pa.Array] = field(default_factory=list)
     n: int = 0
-    h_sorted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    code_sorted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    runs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)   # (sorted hashes, their codes)
     exact: bool = False
 
     @property
@@ -495,24 +496,41 @@ class UserIndex:
             self.chunks = [pa.concat_arrays(self.chunks)]
         return self.chunks[0]
 
+    def _ids(self) -> pa.ChunkedArray:
+        if len(self.chunks) > 64:          # few chunks keep take() fast; joining them now and then is cheap
+            self.chunks = [pa.concat_arrays(self.chunks)]
+        return pa.chunked_array(self.chunks, type=self.type)
+
     def snapshot(self) -> UserIndex:
-        """A frozen copy for lookups in another thread (the arrays are replaced, never changed, on growth)."""
-        return UserIndex([self.values()] if self.chunks else [], self.n, self.h_sorted, self.code_sorted, self.exact)
+        """A frozen copy for lookups in another thread (arrays are replaced, never changed, as the index grows)."""
+        return UserIndex(list(self.chunks), self.n, list(self.runs), self.exact)
+
+    def _find(self, h: np.ndarray) -> np.ndarray:
+        """Code of each hash in the runs, -1 where absent (needles sorted once: each search walks a run once)."""
+        order = np.argsort(h)
+        hs, left = h[order], order             # the needles not found yet, sorted
+        out = np.full(len(h), -1, np.int64)
+        for rh, rc in self.runs:               # largest run first: later runs see few needles
+            pos = np.minimum(np.searchsorted(rh, hs), len(rh) - 1)
+            hit = rh[pos] == hs
+            out[left[hit]] = rc[pos[hit]]
+            if hit.all():
+                break
+            hs, left = hs[~hit], left[~hit]
+        return out
+
+    def _confirmed(self, out: np.ndarray, values: pa.Array) -> bool:
+        """Whether the ids of the found codes equal the looked-up ids."""
+        found = out >= 0
+        return not found.any() or pc.all(pc.equal(self._ids().take(pa.array(out[found])),
+                                                  values.filter(pa.array(found)))).as_py()
 
     def lookup(self, values: pa.Array, h: np.ndarray) -> np.ndarray | None:
         """Codes of the ``values`` already known (-1 for the others), confirmed on the ids; None: not usable."""
         if self.exact or not self.n or values.type != self.type:
             return None
-        order = np.argsort(h)
-        pos = np.empty(len(h), np.int64)
-        pos[order] = np.searchsorted(self.h_sorted, h[order])
-        at = np.minimum(pos, self.n - 1)
-        found = self.h_sorted[at] == h
-        out = np.where(found, self.code_sorted[at], -1)
-        if found.any() and not pc.all(pc.equal(self.values().take(pa.array(out[found])),
-                                               values.filter(pa.array(found)))).as_py():
-            return None
-        return out
+        out = self._find(h)
+        return out if self._confirmed(out, values) else None
 
     def codes(self, values: pa.Array, h: np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
         """Codes of distinct ``values`` (adding the new ones, in their order); ``h``: their hash_ids;
@@ -534,39 +552,35 @@ class UserIndex:
         if self.exact:
             return self._codes_exact(values)
         h = hash_ids(values) if h is None else h
-        n_old = len(self.h_sorted)
-        order = np.argsort(h)                  # sorted needles: searchsorted walks the table once, cache-friendly
-        pos = np.empty(len(h), np.int64)
-        pos[order] = np.searchsorted(self.h_sorted, h[order])
-        at = np.minimum(pos, max(n_old - 1, 0))
-        found = (self.h_sorted[at] == h) if n_old else np.zeros(len(h), dtype=bool)
-        out = np.where(found, self.code_sorted[at] if n_old else 0, -1)
-        new = ~found
-        uniq = first = rank = None
-        if new.any():
-            uniq, first, inv = np.unique(h[new], return_index=True, return_inverse=True)
-            by_first = np.argsort(first, kind="stable")
-            rank = np.empty(len(uniq), np.int64)
-            rank[by_first] = np.arange(len(uniq))
-            out[new] = self.n + rank[inv.reshape(-1)]
-            fresh = values.filter(pa.array(new))
-            reps = fresh.take(pa.array(first[by_first]))
-            if not pc.all(pc.equal(reps.take(pa.array(rank[inv.reshape(-1)])), fresh)).as_py():
-                return self._collision(values)
-        if found.any() and not pc.all(pc.equal(
-                self.values().take(pa.array(out[found])), values.filter(pa.array(found)))).as_py():
+        out = self._find(h) if self.runs else np.full(len(h), -1, np.int64)
+        if not self._confirmed(out, values):
             return self._collision(values)
-        if uniq is not None:
-            self.chunks.append(reps)
-            ins = np.searchsorted(self.h_sorted, uniq)
-            self.h_sorted = np.insert(self.h_sorted, ins, uniq)
-            self.code_sorted = np.insert(self.code_sorted, ins, self.n + rank)
-            self.n += len(uniq)
+        new = np.flatnonzero(out < 0)          # ascending: the order of first appearance
+        if len(new):
+            hn = h[new]
+            o = np.argsort(hn)
+            hs = hn[o]
+            if (hs[1:] == hs[:-1]).any():      # two new ids share a hash
+                return self._collision(values)
+            codes = self.n + np.arange(len(new), dtype=np.int64)
+            out[new] = codes
+            self.chunks.append(values.take(pa.array(new)))
+            self.n += len(new)
+            self._add_run(hs, codes[o])
         return out
+
+    def _add_run(self, h: np.ndarray, c: np.ndarray) -> None:
+        """Add a sorted run; merge the last runs while the newest is at least half the one before."""
+        self.runs.append((h, c))
+        while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+            (h1, c1), (h2, c2) = self.runs[-2], self.runs.pop()
+            hh = np.concatenate([h1, h2])
+            o = np.argsort(hh, kind="stable")      # timsort: a linear merge of two sorted runs
+            self.runs[-1] = (hh[o], np.concatenate([c1, c2])[o])
 
     def _collision(self, values: pa.Array) -> np.ndarray:
         self.exact = True
-        self.h_sorted, self.code_sorted = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.runs = []
         return self._codes_exact(values)
 
     def _codes_exact(self, values: pa.Array) -> np.ndarray:
