@@ -1,27 +1,29 @@
 """Streaming ingestion: vote files -> :class:`heedful.suffstats.VoteStats`, chunk by chunk, with pyarrow.
 
-A Parquet, CSV or TSV file (or many files, a folder or a glob) is read in record batches of
-``chunk_rows`` rows and only the columns the model needs. Per batch the id columns are
-dictionary-encoded with Arrow, the few distinct model and choice values are checked and mapped in
-Python, and every row becomes one integer key
+A Parquet, CSV or TSV file (or many files, a folder or a glob) is read in parts (Parquet row groups,
+else record batches of ``chunk_rows`` rows), only the columns the model needs. Worker threads read
+and encode the parts: the id columns are dictionary-encoded with Arrow, the few distinct model and
+choice values are checked and mapped in Python, user and vote ids are hashed (64 bits) and the
+users looked up in a snapshot of the :class:`UserIndex`. The main thread counts the parts in input
+order: every row becomes one integer key
 
     key = user << 32 | kind,    kind = ((pair * 2 + pick_a) * 3 + first) * 3 + gold
 
-(``pair`` numbered in order of appearance and renumbered in sorted order at the end). Keys are
-buffered and folded into unique (key, count) cells with one sort whenever the buffer passes
-``buffer_rows``; ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
-bounded by the cells (at most users x kinds) plus one chunk and one buffer, never by the votes.
+(``user`` numbered in order of first appearance, ``pair`` in order of appearance and renumbered in
+sorted order at the end). Keys are buffered and folded into unique (key, count) cells whenever the
+buffer passes max(``buffer_rows``, cells) (a sort of the new keys, split across threads, then a
+linear merge); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
+bounded by about twice the cells (at most users x kinds) plus a few parts, never by the votes.
 
 The result is identical to ``vote_stats(read_votes(path))``: same users (in order of first
-appearance, same dtype), pairs, cells, counts and ties. Validation gives the same one-line messages
-as :func:`heedful.votes.validate_votes`: a batch that fails the fast Arrow checks is handed to
-``validate_votes`` and its message re-raised with the row numbers counted from the start of the file
-("(N such rows)" then counts the rows of that batch). ``vote_id`` uniqueness is checked across the
-whole input with a 64-bit hash of every id; a hash collision is confirmed on the ids themselves before
-anything is reported. JSON lines are read whole (pyarrow has no streaming JSON reader) and then counted
-in batches.
+appearance, same dtype), pairs, cells, counts and ties, whatever the threads and chunk sizes.
+Validation gives the same one-line messages as :func:`heedful.votes.validate_votes`, for the first
+bad row in input order: a batch that fails the fast Arrow checks is handed to ``validate_votes`` and
+its message re-raised with the row numbers counted from the start of the file ("(N such rows)" then
+counts the rows of that batch). ``vote_id`` uniqueness is checked across the whole input with the
+hashes; a hash collision is confirmed on the ids themselves before anything is reported. JSON lines
+are read whole (pyarrow has no streaming JSON reader) and then counted in batches.
 """
-
 from __future__ import annotations
 
 import glob
@@ -654,7 +656,7 @@ class StatsBuilder:
         self.pending.append((key, None))
         self.n_pending += len(key)
         self.n_rows += len(user)
-        if self.n_pending >= self.buffer_rows:
+        if self.n_pending >= max(self.buffer_rows, len(self.cell_key)):   # geometric: O(log) folds
             self._fold()
 
     def _fold(self) -> None:
@@ -710,7 +712,7 @@ class StatsBuilder:
         self.n_pending += len(key)
         self.n_rows += other.n_rows
         self.id_hashes += other.id_hashes
-        if self.n_pending >= self.buffer_rows:
+        if self.n_pending >= max(self.buffer_rows, len(self.cell_key)):   # geometric: O(log) folds
             self._fold()
         return self
 
