@@ -36,16 +36,16 @@ class GlobalFit:
 
 
 def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, step: float = 1e-5,
-               central: bool = True) -> np.ndarray:
+               central: bool = True, g0: torch.Tensor | None = None) -> np.ndarray:
     """Symmetrised finite differences of an exact gradient: H_ij = d g_i / d theta_j.
 
     ``central``: (g(theta + h e_j) - g(theta - h e_j)) / 2h, error O(h^2), 2n gradients; else forward
     differences (g(theta + h e_j) - g(theta)) / h, error O(h), n + 1 gradients (use h ~ 1e-6: about 1e-6
-    relative in H, far below what an interval needs).
+    relative in H, far below what an interval needs); ``g0``: the gradient at theta when already known.
     """
     n = theta.numel()
     H = np.zeros((n, n))
-    g0 = None if central else grad_fn(theta)
+    g0 = None if central else (grad_fn(theta) if g0 is None else g0)
     for j in range(n):
         e = torch.zeros_like(theta)
         e[j] = step

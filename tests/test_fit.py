@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import optimize, sparse, special, stats
 
 from heedful.config import PairPrior, Priors
@@ -142,3 +143,40 @@ def test_ties_are_counted_and_left_out():
     assert int(model.users_.n_votes.sum()) == len(sim.votes) - n_ties
     no_ties = Attentiveness(priors=KNOWN).fit(sim.votes[sim.votes.choice != "tie"])
     assert model.log_likelihood_ == pytest.approx(no_ties.log_likelihood_, abs=1e-9)
+
+
+def _newton_gain(model) -> float:
+    """g' H^-1 g / 2 at the fitted globals: the log-posterior a Newton step from there would still gain."""
+    from heedful.inference.marginal import objective
+    from heedful.inference.result import hessian_fd
+
+    plan, spec = model._plan, model.spec_
+    theta = torch.as_tensor(model.fit_.theta, dtype=torch.float64)
+
+    def grad(th):
+        th = th.detach().clone().requires_grad_(True)
+        return torch.autograd.grad(-objective(plan, spec, th), th)[0]
+
+    g = grad(theta).numpy()
+    H = hessian_fd(grad, theta, 1e-5)
+    return 0.5 * float(g @ np.linalg.solve(H, g))
+
+
+def _ridge_votes():
+    """Ten pairs, 10 votes per user: the scale of mu - 1/2 against the eta prior is weakly identified."""
+    pairs = [(f"m{2 * i:02d}", f"m{2 * i + 1:02d}", float(m)) for i, m in enumerate(np.linspace(0.6, 0.9, 10))]
+    return simulate(50_000, 10, pairs=pairs, eta_prior=(3.0, 5.0), seed=1).votes
+
+
+def test_marginal_fit_reaches_the_maximum_along_a_weakly_identified_ridge():
+    model = Attentiveness().fit(_ridge_votes())
+    assert _newton_gain(model) < 2e-5
+
+
+def test_stopping_on_the_relative_change_alone_stops_short_of_the_maximum(monkeypatch):
+    """Why the marginal fit tightens L-BFGS and polishes with Newton: without both it stops early."""
+    from heedful.inference import marginal
+
+    monkeypatch.setattr(marginal, "FTOL_FACTOR", 1.0)
+    monkeypatch.setattr(marginal, "NEWTON_STEPS", 0)
+    assert _newton_gain(Attentiveness().fit(_ridge_votes())) > 5e-4
