@@ -27,6 +27,7 @@ NEWTON_STEPS = 8
 # With tol itself (1e-9) it stopped ~6 log-units short of the maximum on 10M votes: along the weakly
 # identified direction (the scale of mu - 1/2 against the eta prior) each iteration gains little, and the
 # curvature there gave 90% intervals for mu that missed the truth; 1e-12 reaches the maximum (89 iterations).
+# Refits inside a profile likelihood (curvature=False) keep tol: their differences are what counts.
 FTOL_FACTOR = 1e-3
 
 
@@ -69,8 +70,8 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
         bounds = [(-30.0, 30.0)] * spec.n_free
         res = optimize.minimize(fun, theta0.cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
-                                callback=callback, options={"maxiter": max_iter, "ftol": tol * FTOL_FACTOR,
-                                                                      "gtol": 1e-9})
+                                callback=callback, options={"maxiter": max_iter, "gtol": 1e-9,
+                                                                      "ftol": tol * (FTOL_FACTOR if curvature else 1)})
         iterations = int(res.nit)
         converged = bool(res.success) or res.status == 0
         theta = torch.as_tensor(res.x, dtype=dt, device=dev)
