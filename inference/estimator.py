@@ -74,7 +74,7 @@ def _marginal(ctx: FitContext) -> MethodResult:
 
 def _em(ctx: FitContext) -> MethodResult:
     return MethodResult(fit_em(ctx.stats, ctx.plan, ctx.spec, ctx.cells, tol=ctx.tol, max_iter=ctx.max_iter,
-                               progress=ctx.progress))
+                               progress=ctx.progress, solver=str(ctx.options.get("solver", "auto"))))
 
 
 # name -> fitting function, or "module:function" imported on first use (keeps start-up light)

@@ -1,5 +1,7 @@
 """EM's joint MAP: the profile Newton solver reaches plain EM's fixed point, fast and monotonically."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -125,3 +127,22 @@ def test_per_user_rho_is_fitted_by_plain_em():
     assert auto.iterations == plain.iterations and np.array_equal(auto.eta_map, plain.eta_map)
     with pytest.raises(InputError, match="solver"):
         _fit(sim.votes, priors, "squarem")
+
+
+def test_cli_option_picks_the_em_solver(tmp_path):
+    from typer.testing import CliRunner
+
+    from heedful.cli import app
+
+    votes = tmp_path / "v.parquet"
+    simulate(300, 15, pairs=default_pairs(3, 0.8), vote_counts="geometric", seed=4).votes.to_parquet(votes)
+    iters = {}
+    for solver in ("newton", "em"):
+        r = CliRunner().invoke(app, ["fit", str(votes), "-o", str(tmp_path / solver), "--method", "em",
+                                     "--option", f"solver={solver}"])
+        assert r.exit_code == 0, r.output
+        iters[solver] = json.loads((tmp_path / solver / "params.json").read_text())["iterations"]
+    assert iters["newton"] < 15 < iters["em"]
+    bad = CliRunner().invoke(app, ["fit", str(votes), "-o", str(tmp_path / "x"), "--method", "em",
+                                   "--option", "solver=bogus"])
+    assert bad.exit_code != 0 and "em solver must be one of" in str(bad.exception or bad.output)
