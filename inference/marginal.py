@@ -23,12 +23,14 @@ from heedful.suffstats import VoteStats
 
 NEWTON_GAIN = 1e-6     # log-posterior units: Newton polishing stops below this predicted gain
 NEWTON_STEPS = 8
-# L-BFGS stops when an iteration changes the (per-vote) objective by less than tol * FTOL_FACTOR, relative.
-# With tol itself (1e-9) it stopped ~6 log-units short of the maximum on 10M votes: along the weakly
-# identified direction (the scale of mu - 1/2 against the eta prior) each iteration gains little, and the
-# curvature there gave 90% intervals for mu that missed the truth; 1e-12 reaches the maximum (89 iterations).
-# Refits inside a profile likelihood (curvature=False) keep tol: their differences are what counts.
-FTOL_FACTOR = 1e-3
+# L-BFGS (on the per-vote objective, |f| < 1) stops when an iteration changes it by less than ftol, i.e. the
+# log-posterior by less than ftol * n_votes. With ftol = tol (1e-9) that was 0.01 log-units on 10M votes, and
+# it stopped ~6 log-units short of the maximum: along the weakly identified direction (the scale of mu - 1/2
+# against the eta prior) each iteration gains little, and the curvature there gave 90% intervals for mu that
+# missed the truth. So ftol = min(tol, STOP_GAIN / n_votes): at most STOP_GAIN log-units per iteration
+# (1e-12 at 10M votes: 89 iterations); small data keep tol. Refits inside a profile likelihood
+# (curvature=False) keep tol: their differences are what counts.
+STOP_GAIN = 1e-5
 
 
 def objective(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor) -> torch.Tensor:
@@ -69,9 +71,9 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
 
         # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
         bounds = [(-30.0, 30.0)] * spec.n_free
+        ftol = min(tol, STOP_GAIN * scale) if curvature else tol
         res = optimize.minimize(fun, theta0.cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
-                                callback=callback, options={"maxiter": max_iter, "gtol": 1e-9,
-                                                                      "ftol": tol * (FTOL_FACTOR if curvature else 1)})
+                                callback=callback, options={"maxiter": max_iter, "gtol": 1e-9, "ftol": ftol})
         iterations = int(res.nit)
         converged = bool(res.success) or res.status == 0
         theta = torch.as_tensor(res.x, dtype=dt, device=dev)

@@ -177,6 +177,6 @@ def test_stopping_on_the_relative_change_alone_stops_short_of_the_maximum(monkey
     """Why the marginal fit tightens L-BFGS and polishes with Newton: without both it stops early."""
     from heedful.inference import marginal
 
-    monkeypatch.setattr(marginal, "FTOL_FACTOR", 1.0)
+    monkeypatch.setattr(marginal, "STOP_GAIN", 1e9)
     monkeypatch.setattr(marginal, "NEWTON_STEPS", 0)
     assert _newton_gain(Attentiveness().fit(_ridge_votes())) > 5e-4
