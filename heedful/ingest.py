@@ -683,12 +683,9 @@ class StatsBuilder:
         key, count = np.concatenate(keys), np.concatenate(counts)
         order = np.argsort(key, kind="stable")       # timsort: linear on the already sorted runs
         key, count = key[order], count[order]
-        start = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
+        start = _group_starts(key)
         self.cell_key = key[start]
         self.cell_count = np.add.reduceat(count, start).astype(np.int64) if len(key) else count
-
-    def add_ids(self, col: pa.Array) -> None:
-        self.id_hashes.append(hash_ids(col))
 
     def merge(self, other: StatsBuilder) -> StatsBuilder:
         """Fold ``other`` (a later part of the input) into this builder."""
@@ -792,10 +789,13 @@ def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: in
                                                                                                         np.ndarray]:
     """np.unique(keys, return_counts=True) for non-negative int64 keys, sorting in threads."""
     s = _sort_parallel(keys, threads, min_parallel)
-    if not len(s):
-        return s, np.zeros(0, np.int64)
-    start = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+    start = _group_starts(s)
     return s[start], np.diff(np.append(start, len(s))).astype(np.int64)
+
+
+def _group_starts(s: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array begins."""
+    return np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]])) if len(s) else np.zeros(0, np.int64)
 
 
 def has_repeats(h: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> bool:

@@ -36,15 +36,13 @@ more value in the trace). Per-user rho_u
 
 from __future__ import annotations
 
-import warnings as _warnings
-
 import numpy as np
 import torch
 
 from heedful.errors import InputError
 from heedful.inference.globals import Globals, GlobalSpec, initial_mu
 from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
-from heedful.model.likelihood import QuadraturePlan, casual_prob, gold_loglik, log_marginal, vote_loglik
+from heedful.model.likelihood import QuadraturePlan, casual_prob, csr_tensor, gold_loglik, log_marginal, vote_loglik
 from heedful.suffstats import VoteStats
 
 EM_DEFAULT_PRIOR = (1.0, 1.0)
@@ -236,12 +234,6 @@ def _plain_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: d
     return eta, mu, rho, obj, it, converged
 
 
-def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    with _warnings.catch_warnings():
-        _warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
-
-
 def _crow(rows: torch.Tensor, n_rows: int, index: torch.dtype) -> torch.Tensor:
     """CSR row pointers of row indices sorted ascending."""
     counts = torch.bincount(rows, minlength=n_rows)
@@ -284,7 +276,7 @@ class _Profile:
         self.th_lo, self.th_hi = max(1e-9, 2 * eps), 1 - max(1e-9, 2 * eps)      # EM's mu, rho clamp
         self.xtol = max(1e-11, 1e3 * eps)
         self.crow = _crow(cu, U, torch.int64)
-        self.by_user = _csr(self.crow.to(index), torch.arange(C, device=dev, dtype=index), cnt, (U, C))
+        self.by_user = csr_tensor(self.crow.to(index), torch.arange(C, device=dev, dtype=index), cnt, (U, C))
         # d m / d mu and d c / d rho per kind: +-1, 0 where a gold label fixes m or the order is unknown
         self.s_m = torch.where(kinds.gold == 0, torch.where(kinds.pick_a, 1.0, -1.0), 0.0).to(dt)
         self.s_c = torch.where(kinds.first == 1, 1.0, torch.where(kinds.first == 2, -1.0, 0.0)).to(dt)
@@ -305,7 +297,7 @@ class _Profile:
         first = torch.nonzero(start).flatten()
         self.E = E = first.shape[0]
         n_sm = cnt * self.s_m[kind]
-        self.by_entry = _csr(torch.cat([first, first.new_full((1,), start.shape[0])]).to(index),
+        self.by_entry = csr_tensor(torch.cat([first, first.new_full((1,), start.shape[0])]).to(index),
                              torch.arange(C, device=dev, dtype=index) if fc is None else fc.to(index),
                              n_sm if fc is None else n_sm[fc], (E, C))
         del start, n_sm, pair
@@ -366,7 +358,7 @@ class _Profile:
         d = b_d[idx]
         q = torch.addcmul(b_c[idx], d, e)
         r = d.div_(q)
-        sub = _csr(crow.to(self.index), torch.arange(n, device=self.dev, dtype=self.index), self.cnt[idx],
+        sub = csr_tensor(crow.to(self.index), torch.arange(n, device=self.dev, dtype=self.index), self.cnt[idx],
                    (users.shape[0], n))
         b_e[idx], b_q[idx] = e, q
         return sub @ r, sub @ r.square_()
@@ -493,9 +485,9 @@ class _Profile:
             rows = torch.cat([self.entry_user, torch.arange(U, device=dev)])
             order = torch.argsort(rows, stable=True)
             col = torch.cat([self.entry_col, torch.full((U,), D - 1, device=dev)])[order].to(self.index)
-            V = _csr(_crow(rows[order], U, self.index), col, torch.cat([ve, vr])[order], (U, D))
+            V = csr_tensor(_crow(rows[order], U, self.index), col, torch.cat([ve, vr])[order], (U, D))
         else:
-            V = _csr(self.crow_ue.to(self.index), self.entry_col_i, ve, (U, D))
+            V = csr_tensor(self.crow_ue.to(self.index), self.entry_col_i, ve, (U, D))
         S, corr = self.schur(w, r, ve, vr)
         return grad + corr, H + S, w, V, r
 

@@ -87,10 +87,7 @@ class Bucket:
         for start in range(0, n, max_rows):
             stop = min(start + max_rows, n)
             lo, hi = int(crow[start]), int(crow[stop])
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
-                out.append((start, torch.sparse_csr_tensor(crow[start:stop + 1] - lo, col[lo:hi], val[lo:hi],
-                                                           (stop - start, q), check_invariants=False)))
+            out.append((start, csr_tensor(crow[start:stop + 1] - lo, col[lo:hi], val[lo:hi], (stop - start, q))))
         return out
 
 
@@ -146,11 +143,15 @@ def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dty
     crow = np.zeros(shape[0] + 1, dtype=index)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
     cols = cols.astype(index, copy=False)
+    return csr_tensor(torch.as_tensor(crow, device=device), torch.as_tensor(cols, device=device),
+                      torch.ones(len(cols), dtype=dtype, device=device), shape)
+
+
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor from its parts, unchecked (callers build valid ones) and without torch's beta warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(torch.as_tensor(crow, device=device), torch.as_tensor(cols, device=device),
-                                       torch.ones(len(cols), dtype=dtype, device=device), shape,
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
 
 def _small_sort(keys: np.ndarray) -> np.ndarray:
