@@ -104,18 +104,14 @@ def _check_header(names: list[str], source: str) -> None:
 
 def _batches(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
     """Record batches of the needed columns of one file (parser failures become read_table's InputError)."""
-    source = str(path)
     fmt = _format(path)
     if not path.exists() or path.is_dir() or fmt == "other" or (fmt != "parquet" and path.stat().st_size == 0):
         yield from _whole(path, chunk_rows)
         return
     try:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(path)
-            names = pf.schema_arrow.names
-            _check_header(names, source)
-            cols = [c for c in NEEDED if c in names]
-            yield from pf.iter_batches(batch_size=chunk_rows, columns=cols)
+        if fmt == "parquet":                  # its row groups, as the threaded reader reads them
+            for part in _parts(path, chunk_rows):
+                yield from part.batches(chunk_rows)
             return
         yield from _csv_batches(path, "," if fmt == "csv" else "\t", chunk_rows)
     except InputError:
