@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from heedful.errors import InputError
+from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import Globals, GlobalSpec, initial_mu
-from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
+from heedful.inference.result import GlobalFit, ProgressFn, covariance
 from heedful.model.likelihood import QuadraturePlan, casual_prob, csr_tensor, gold_loglik, log_marginal, vote_loglik
 from heedful.suffstats import VoteStats
 
@@ -125,12 +126,7 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         rho_f = None if rho is None else float(rho)
     theta = mu_spec.pack(a, b, mu.cpu().numpy(), rho_f, dt, dev)
 
-    def grad(th: torch.Tensor) -> torch.Tensor:
-        th = th.detach().clone().requires_grad_(True)
-        gl = mu_spec.unpack(th)
-        return torch.autograd.grad(-(log_marginal(plan, *gl) + mu_spec.log_prior(th, gl)), th)[0]
-
-    H = hessian_fd(grad, theta, 1e-6, central=False) if theta.numel() else np.zeros((0, 0))
+    H = -marginal_derivatives(plan, mu_spec, theta)[2] if theta.numel() else np.zeros((0, 0))
     cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
     if w:
         warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "

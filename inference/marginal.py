@@ -1,39 +1,39 @@
-"""Exact-marginal empirical Bayes: eta_u and z integrated out, the globals maximised (L-BFGS).
+"""Exact-marginal empirical Bayes: eta_u and z integrated out, the globals maximised (L-BFGS, then Newton).
 
     maximise  sum_u log E_{eta ~ Beta(a, b)}[L_u(eta)] + sum_p log Beta(mu_p; alpha_p, beta_p)
 
-over theta (log a, log b, logit rho, logit mu or strengths) with torch autograd gradients and
-scipy's L-BFGS-B, then Newton steps with the Hessian (forward differences of the exact gradient)
-until the predicted gain is below 1e-6; the covariance of theta is the inverse of that Hessian of
-the negative objective at the optimum.
+over theta (log a, log b, logit rho, logit mu or strengths): scipy's L-BFGS-B with torch autograd
+gradients to its relative-change rule, then Newton steps with the exact Hessian
+(:mod:`heedful.inference.curvature`) until a step predicts a gain below 1e-6 log-units. The
+covariance of theta is the inverse of the Hessian of the negative objective at that point.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy import optimize
 
+from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import GlobalSpec, initial_mu
-from heedful.inference.result import GlobalFit, ProgressFn, covariance, hessian_fd
+from heedful.inference.result import GlobalFit, ProgressFn, covariance
+from heedful.inference.ridge import RidgeCoordinates
 from heedful.model.likelihood import QuadraturePlan, log_marginal
 from heedful.suffstats import VoteStats
 
-NEWTON_GAIN = 1e-6     # log-posterior units: Newton polishing stops below this predicted gain
+NEWTON_GAIN = 1e-6     # log-posterior units: Newton steps stop below this predicted gain
 NEWTON_STEPS = 8
-# L-BFGS (on the per-vote objective, |f| < 1) stops when an iteration changes it by less than ftol, i.e. the
-# log-posterior by less than ftol * n_votes. With ftol = tol (1e-9) that was 0.01 log-units on 10M votes, and
-# it stopped ~6 log-units short of the maximum: along the weakly identified direction (the scale of mu - 1/2
-# against the eta prior) each iteration gains little, and the curvature there gave 90% intervals for mu that
-# missed the truth. So ftol = min(tol, STOP_GAIN / n_votes): at most STOP_GAIN log-units per iteration
-# (1e-12 at 10M votes: 89 iterations); small data keep tol. Refits inside a profile likelihood
-# (curvature=False) keep tol: their differences are what counts.
+# L-BFGS stops on a relative change of the per-vote objective (ftol = tol): on 10M votes 1e-9 is 0.01
+# log-units per iteration, and there it stopped ~6 log-units short of the maximum, along the weakly
+# identified direction (the scale of mu - 1/2 against the eta prior), where the curvature gave 90%
+# intervals for mu that missed the truth. Newton steps with the exact Hessian finish the climb in a few
+# steps. Should they fail (not concave there, or NEWTON_STEPS used up), L-BFGS goes on with ftol =
+# min(tol, STOP_GAIN / n_votes), i.e. until an iteration gains less than STOP_GAIN log-units, and Newton
+# runs again. Refits inside a profile likelihood (curvature=False) keep tol: their differences are what counts.
 STOP_GAIN = 1e-5
 
 
-def objective(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor) -> torch.Tensor:
+def objective(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, theta: torch.Tensor) -> torch.Tensor:
     g = spec.unpack(theta)
     return log_marginal(plan, *g) + spec.log_prior(theta, g)
 
@@ -71,33 +71,39 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
 
         # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
         bounds = [(-30.0, 30.0)] * spec.n_free
-        ftol = min(tol, STOP_GAIN * scale) if curvature else tol
-        res = optimize.minimize(fun, theta0.cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
-                                callback=callback, options={"maxiter": max_iter, "gtol": 1e-9, "ftol": ftol})
-        iterations = int(res.nit)
+
+        def lbfgs(x0: np.ndarray, ftol: float) -> optimize.OptimizeResult:
+            return optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                                     options={"maxiter": max_iter, "gtol": 1e-9, "ftol": ftol})
+
+        res = lbfgs(theta0.cpu().numpy(), tol)
         converged = bool(res.success) or res.status == 0
         theta = torch.as_tensor(res.x, dtype=dt, device=dev)
+    theta = theta.detach()
+
+    H = np.zeros((0, 0))
+    if spec.n_free and curvature:
+        theta, H, steps, reached = _polish(plan, spec, theta)
+        iterations += steps
+        if reached is None:          # not concave, or out of steps: L-BFGS to the top, then Newton again
+            res = lbfgs(theta.cpu().numpy(), min(tol, STOP_GAIN * scale))
+            converged = bool(res.success) or res.status == 0
+            theta, H, steps, reached = _polish(plan, spec, torch.as_tensor(res.x, dtype=dt, device=dev))
+            iterations += steps
+            if reached is None and steps == NEWTON_STEPS:
+                warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may still "
+                                "be short of the maximum (a flat, curved ridge in the likelihood); try a smaller "
+                                "[fit] tol")
+    if spec.n_free:
         if not converged:
-            warnings.append(f"the marginal fit stopped after {iterations} L-BFGS iterations without converging "
+            warnings.append(f"the marginal fit stopped after {iterations} iterations without converging "
                             f"({res.message})")
-        at_bound = np.isclose(np.abs(res.x), 30.0)
+        x = theta.cpu().numpy()
+        at_bound = np.isclose(np.abs(x), 30.0)
         if at_bound.any():
             names = spec.theta_names(stats.pair_labels())
             warnings.append("at the edge of the parameter space: " + ", ".join(n for n, b in zip(names, at_bound,
                                                                                               strict=True) if b))
-    theta = theta.detach()
-
-    def grad(th: torch.Tensor) -> torch.Tensor:
-        th = th.detach().clone().requires_grad_(True)
-        return torch.autograd.grad(-objective(plan, spec, th), th)[0]
-
-    H = np.zeros((0, 0))
-    if spec.n_free and curvature:
-        theta, H, steps = _newton_polish(plan, spec, theta, grad)
-        iterations += steps
-        if steps == NEWTON_STEPS:
-            warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may still be short "
-                            "of the maximum (a flat, curved ridge in the likelihood); try a smaller [fit] tol")
     with torch.no_grad():
         g = spec.unpack(theta)
         a, b, mu = g.a, g.b, g.mu
@@ -115,41 +121,57 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
                      warnings=warnings, spec=spec)
 
 
-def _newton_polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
-                   grad: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, int]:
-    """Newton steps theta - H^-1 g from L-BFGS's end point, H the Hessian of -objective (forward differences),
-    until the step predicts a gain g' H^-1 g / 2 below NEWTON_GAIN; returns theta, H at theta, steps taken.
+def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
+            ) -> tuple[torch.Tensor, np.ndarray, int, bool | None]:
+    """Newton from theta, in ridge coordinates where they apply; returns theta, the Hessian of -objective
+    in theta there, steps taken, and whether the predicted gain fell below NEWTON_GAIN (see :func:`_newton`)."""
+    coords = RidgeCoordinates(spec) if RidgeCoordinates.applies(spec) else None
+    if coords is not None:
+        psi = torch.as_tensor(coords.from_theta(theta.cpu().numpy()), dtype=theta.dtype, device=theta.device)
+        back = coords.to_theta(psi)
+        if not bool(torch.isfinite(back).all()) or float((back - theta).abs().max()) > 1e-8:
+            coords = None            # at an extreme (m or mu at 0 or 1 in floating point): stay in theta
+    if coords is None:
+        x, f, g, hess, steps, reached = _newton(plan, spec, theta)
+        return x, -hess, steps, reached
+    psi, f, g, hess, steps, reached = _newton(plan, coords, psi)
+    return coords.to_theta(psi).detach(), -coords.theta_hessian(psi, g, hess), steps, reached
 
-    L-BFGS stops on a relative change of the objective; along a weakly identified direction (the scale of
-    the mu's against the eta prior) that can be several log-units short of the maximum, so the curvature
-    (and the intervals) would belong to the wrong point. A step is kept only if the objective rises.
+
+def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor,
+            ) -> tuple[torch.Tensor, float, np.ndarray, np.ndarray, int, bool | None]:
+    """Newton steps x + A^-1 g (A = -hess f, exact) while a step predicts a gain g' A^-1 g / 2 above
+    NEWTON_GAIN; a step is halved until f rises. Returns x, f, g and hess f there, steps taken, and True
+    when the predicted gain fell below NEWTON_GAIN, None when A is not positive definite, a step could
+    not raise f, or NEWTON_STEPS ran out.
     """
-    with torch.no_grad():
-        obj = float(objective(plan, spec, theta))
+    f, g, hess = marginal_derivatives(plan, spec, x)
     steps = 0
-    for k in range(NEWTON_STEPS + 1):
-        g0 = grad(theta)
-        H = hessian_fd(grad, theta, 1e-6, central=False, g0=g0)
-        if k == NEWTON_STEPS:
-            break
-        lam, V = np.linalg.eigh(H)
+    while True:
+        lam, V = np.linalg.eigh(-hess)
         if not np.all(np.isfinite(lam)) or lam.min() <= 1e-10 * max(1.0, abs(lam).max()):
-            break                                   # not concave here: covariance() reports it
-        gn = g0.detach().cpu().numpy()
-        step = -(V @ ((V.T @ gn) / lam))
-        if 0.5 * float(gn @ -step) <= NEWTON_GAIN:
-            break
-        t, moved = 1.0, False
+            return x, f, g, hess, steps, None      # not concave here: covariance() reports it if it stays so
+        step = V @ ((V.T @ g) / lam)
+        if 0.5 * float(g @ step) <= NEWTON_GAIN:
+            return x, f, g, hess, steps, True
+        if steps == NEWTON_STEPS:
+            return x, f, g, hess, steps, None
+        t = 1.0
         for _ in range(8):
-            cand = torch.as_tensor(np.clip(theta.cpu().numpy() + t * step, -30.0, 30.0), dtype=theta.dtype,
-                                   device=theta.device)
-            with torch.no_grad():
-                new = float(objective(plan, spec, cand))
-            if np.isfinite(new) and new >= obj:
-                theta, obj, moved = cand, new, True
+            cand = x + t * torch.as_tensor(step, dtype=x.dtype, device=x.device)
+            if np.isfinite(new := _value(plan, spec, cand)) and new >= f:
                 break
             t *= 0.5
-        if not moved:
-            break
-        steps += 1
-    return theta, H, steps
+        else:
+            return x, f, g, hess, steps, None
+        x, steps = cand, steps + 1
+        f, g, hess = marginal_derivatives(plan, spec, x)
+
+
+def _value(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor) -> float:
+    """The objective at x, or nan where x maps to no valid globals (a step in psi can leave the domain)."""
+    with torch.no_grad():
+        g = spec.unpack(x)
+        if not all(bool(torch.isfinite(t).all()) for t in (g.a, g.b, g.mu)):
+            return float("nan")
+        return float(objective(plan, spec, x))

@@ -253,9 +253,9 @@ def bucket_nodes(a: torch.Tensor, b: torch.Tensor, n_nodes: int, rho_prior: RhoP
             (logw[:, None] + lwr[None, :]).reshape(-1).to(dtype))
 
 
-def bucket_loglik_at(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu: torch.Tensor,
-                     rho: torch.Tensor | None = None, incidence: torch.Tensor | None = None) -> torch.Tensor:
-    """log L_u(eta_g[, rho_g]) for every user of the bucket (or of ``incidence``'s rows) and point g: [Ub, G].
+def pattern_table(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu: torch.Tensor,
+                  rho: torch.Tensor | None = None) -> torch.Tensor:
+    """T_qg = count_q log P(pattern q's pick | eta_g[, rho_g]) for the bucket's patterns and points g: [Q, G].
 
     ``rho`` is None (coin-flip casual picks), a scalar (one rho for everybody) or a vector [G] of
     per-point values (a per-user rho integrated by quadrature).
@@ -263,7 +263,13 @@ def bucket_loglik_at(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu
     m = plan.kinds.attentive_prob(mu)[bucket.pattern_kind].unsqueeze(1)
     first = plan.kinds.first[bucket.pattern_kind].unsqueeze(1)
     c = casual_prob(first, rho if rho is None or rho.dim() == 0 else rho.unsqueeze(0)).to(eta.dtype)
-    table = vote_loglik(eta.unsqueeze(0), m, c, bucket.count.unsqueeze(1))
+    return vote_loglik(eta.unsqueeze(0), m, c, bucket.count.unsqueeze(1))
+
+
+def bucket_loglik_at(plan: QuadraturePlan, bucket: Bucket, eta: torch.Tensor, mu: torch.Tensor,
+                     rho: torch.Tensor | None = None, incidence: torch.Tensor | None = None) -> torch.Tensor:
+    """log L_u(eta_g[, rho_g]) for every user of the bucket (or of ``incidence``'s rows) and point g: [Ub, G]."""
+    table = pattern_table(plan, bucket, eta, mu, rho)
     if incidence is None:
         return row_sums(bucket.incidence, table, bucket.incidence_t)
     return row_sums(incidence, table)
@@ -276,9 +282,8 @@ def gold_loglik(plan: QuadraturePlan, mu: torch.Tensor) -> torch.Tensor:
 
 def _bucket_log_marginals(plan: QuadraturePlan, a, b, mu, rho, rho_prior: RhoPrior):
     for bk in plan.buckets:
-        x, xr, logw = bucket_nodes(a, b, bk.n_nodes, rho_prior, plan.dtype)
-        ll = bucket_loglik_at(plan, bk, x, mu, rho if xr is None else xr)
-        yield bk, torch.logsumexp(ll + logw, dim=1)
+        table, logw = bucket_table(plan, bk, a, b, mu, rho, rho_prior)
+        yield bk, torch.logsumexp(row_sums(bk.incidence, table, bk.incidence_t) + logw, dim=1)
 
 
 def user_log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
@@ -290,17 +295,22 @@ def user_log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu
     return out
 
 
+def bucket_table(plan: QuadraturePlan, bucket: Bucket, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
+                 rho: torch.Tensor | None = None, rho_prior: RhoPrior = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bucket's pattern table T [Q, G] at its quadrature nodes, and the nodes' log w_g [G].
+
+    A user's log-joint at node g is S_ug = sum_q incidence_uq T_qg + log w_g, and log m_u = logsumexp_g S_ug.
+    """
+    x, xr, logw = bucket_nodes(a, b, bucket.n_nodes, rho_prior, plan.dtype)
+    return pattern_table(plan, bucket, x, mu, rho if xr is None else xr), logw
+
+
 def log_marginal(plan: QuadraturePlan, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
                  rho: torch.Tensor | None = None, rho_prior: RhoPrior = None) -> torch.Tensor:
     """log p(votes, gold | globals) with every eta_u (and rho_u), z_n and t_n integrated out."""
     total = gold_loglik(plan, mu)
     for bk in plan.buckets:
-        x, xr, logw = bucket_nodes(a, b, bk.n_nodes, rho_prior, plan.dtype)
-        m = plan.kinds.attentive_prob(mu)[bk.pattern_kind].unsqueeze(1)
-        first = plan.kinds.first[bk.pattern_kind].unsqueeze(1)
-        r = rho if xr is None else xr
-        c = casual_prob(first, r if r is None or r.dim() == 0 else r.unsqueeze(0)).to(x.dtype)
-        table = vote_loglik(x.unsqueeze(0), m, c, bk.count.unsqueeze(1))
+        table, logw = bucket_table(plan, bk, a, b, mu, rho, rho_prior)
         total = total + _SumLogMarginal.apply(table, logw, bk.incidence, bk.incidence_t)
     return total
 

@@ -174,7 +174,7 @@ def test_marginal_fit_reaches_the_maximum_along_a_weakly_identified_ridge():
 
 
 def test_stopping_on_the_relative_change_alone_stops_short_of_the_maximum(monkeypatch):
-    """Why the marginal fit tightens L-BFGS and polishes with Newton: without both it stops early."""
+    """Why the marginal fit climbs on with Newton: L-BFGS's relative-change rule alone stops early."""
     from heedful.inference import marginal
 
     monkeypatch.setattr(marginal, "STOP_GAIN", 1e9)
