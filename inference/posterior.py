@@ -44,6 +44,7 @@ RHO_GRID_PER_ROOT, RHO_GRID_MIN = 100.0, 400
 PAD = 8                    # cells of the continued density beyond each end of the grid
 NEWTON_STEPS = 2           # Newton steps on the quintic inside the cell, from the linear-density quantile
 STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
+COMPACT = 8                # mode refinement keeps only the active users' cells once under 1/COMPACT are active
 
 
 @dataclass
@@ -330,7 +331,24 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
     prev = torch.full_like(eta, math.inf)
     was_newton = torch.zeros_like(j, dtype=torch.bool)
     t, gc = torch.empty_like(c), torch.empty_like(c)
+    out, sel = eta, None             # sel: which users the working arrays hold once compacted; out: all users
     for _ in range(iters):
+        n_active = int(active.sum())
+        if n_active == 0:
+            break
+        if n_active * COMPACT < eta.shape[0]:      # a few slow users left: iterate on their cells only
+            keep = active.nonzero().squeeze(1)
+            if sel is None:
+                out = eta.clone()
+            else:
+                out[sel] = eta
+            sel = keep if sel is None else sel[keep]
+            on = active.index_select(0, row)
+            row = (torch.cumsum(active, 0) - 1).index_select(0, row)[on]
+            c, d, cnt = c[on], d[on], cnt[on]
+            eta, lo, hi, prev, was_newton = eta[keep], lo[keep], hi[keep], prev[keep], was_newton[keep]
+            active = torch.ones_like(keep, dtype=torch.bool)
+            t, gc = torch.empty_like(c), torch.empty_like(c)
         torch.index_select(eta, 0, row, out=gc)
         torch.div(d, torch.addcmul(c, gc, d, out=t), out=t)   # d log(c + eta d) / d eta per cell
         torch.mul(cnt, t, out=gc)
@@ -347,8 +365,10 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
         active &= (moved > STOP_STEP) & ~(ok & was_newton & (moved ** 3 <= 0.01 * STOP_STEP * prev * prev))
         prev, was_newton = moved, ok
         eta = new
-        if not bool(active.any()):
-            break
+    if sel is None:
+        out = eta
+    else:
+        out[sel] = eta
     interior = (j > 0) & (j < M - 1)
     users = bk.users[first:first + n_rows]
-    mode[users[interior]] = eta[interior]
+    mode[users[interior]] = out[interior]

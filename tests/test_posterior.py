@@ -173,3 +173,21 @@ def test_summaries_do_not_depend_on_chunks_and_blocks(monkeypatch):
     pieces = user_posterior(*args, tau=0.5)
     for f in ("mean", "sd", "lo", "hi", "prob_above", "mode"):
         np.testing.assert_array_equal(getattr(whole, f), getattr(pieces, f), err_msg=f)
+
+
+@pytest.mark.parametrize("a, b", [(1.0, 1.0), (1.7, 2.2)])
+def test_modes_do_not_depend_on_when_the_slow_users_are_compacted(monkeypatch, a, b):
+    """Mode refinement iterates on the still-active users' cells only once few are left; never compacting,
+    compacting as soon as one user stops, and the default must give the same modes."""
+    df = _spread_votes([1, 2, 3, 5, 8, 8, 13, 30, 70, 150] * 20, seed=5)
+    st = vote_stats(df)
+    plan = build_plan(st, torch.device("cpu"), F64)
+    args = (plan, st.tensors(torch.device("cpu"), F64), a, b, torch.tensor([0.8, 0.65], dtype=F64), 0.7)
+    default = user_posterior(*args).mode
+    monkeypatch.setattr(posterior, "COMPACT", 0)             # never
+    never = user_posterior(*args).mode
+    monkeypatch.setattr(posterior, "COMPACT", 1.0 + 1e-9)    # whenever any user has stopped
+    always = user_posterior(*args).mode
+    assert np.isfinite(never).all() and len(np.unique(never)) > 50
+    np.testing.assert_allclose(default, never, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(always, never, rtol=0, atol=1e-12)
