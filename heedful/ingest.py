@@ -610,6 +610,7 @@ class StatsBuilder:
     pending: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
     n_pending: int = 0
     user_ties: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tie_users: list[np.ndarray] = field(default_factory=list)   # codes of tie votes' users, not yet counted
     pair_ties: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     gold_a: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     gold_n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -633,15 +634,22 @@ class StatsBuilder:
     def _grow(self, arr: np.ndarray, n: int) -> np.ndarray:
         return arr if len(arr) >= n else np.concatenate([arr, np.zeros(n - len(arr), np.int64)])
 
+    def _ties(self) -> np.ndarray:
+        """Tie votes per user [n_users], counting the buffered ones."""
+        self.user_ties = self._grow(self.user_ties, self.n_users)
+        if self.tie_users:
+            self.user_ties += np.bincount(np.concatenate(self.tie_users), minlength=self.n_users)
+            self.tie_users = []
+        return self.user_ties
+
     def add(self, b: _Batch) -> None:
         user = self._global_users(b.user_values, b.user_hash, b.user_known)[b.user]
         pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in b.pairs], dtype=np.int64)
         pair = pmap[b.pair] if len(pmap) else b.pair
-        n_users, n_pairs = self.n_users, len(self.pairs)
-        self.user_ties = self._grow(self.user_ties, n_users)
+        n_pairs = len(self.pairs)
         self.pair_ties, self.gold_a, self.gold_n = (self._grow(x, n_pairs) for x in
                                                     (self.pair_ties, self.gold_a, self.gold_n))
-        self.user_ties += np.bincount(user[b.tie], minlength=n_users)
+        self.tie_users.append(user[b.tie])      # counted at the end: a per-batch bincount would be O(users)
         self.pair_ties += np.bincount(pair[b.tie], minlength=n_pairs)
         self.gold_a += np.bincount(pair[b.gold_known & b.gold_canon_a], minlength=n_pairs)
         self.gold_n += np.bincount(pair[b.gold_known], minlength=n_pairs)
@@ -661,6 +669,7 @@ class StatsBuilder:
         The new plain keys are sorted once; merging them with the (sorted) cells is a stable sort of
         sorted runs, i.e. a linear merge, so total work stays O(votes log chunk), not O(cells x folds).
         """
+        self._ties()                                  # the tie buffer stays within the keys' buffer
         if not self.pending:
             return
         keys, counts = [self.cell_key], [self.cell_count]
@@ -692,8 +701,8 @@ class StatsBuilder:
         ucode = self._global_users(other.users)
         pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in other.pairs], dtype=np.int64)
         n_users, n_pairs = self.n_users, len(self.pairs)
-        self.user_ties = self._grow(self.user_ties, n_users)
-        self.user_ties += np.bincount(ucode, weights=other.user_ties, minlength=n_users).astype(np.int64)
+        self.user_ties = self._ties()
+        self.user_ties += np.bincount(ucode, weights=other._ties(), minlength=n_users).astype(np.int64)
         for name in ("pair_ties", "gold_a", "gold_n"):
             mine = self._grow(getattr(self, name), n_pairs)
             mine += np.bincount(pmap, weights=getattr(other, name), minlength=n_pairs).astype(np.int64)
@@ -740,7 +749,7 @@ class StatsBuilder:
             cell_count=count.astype(np.int64),
             gold_a=self._grow(self.gold_a, n_pairs)[order],
             gold_n=self._grow(self.gold_n, n_pairs)[order],
-            user_ties=self._grow(self.user_ties, self.n_users),
+            user_ties=self._ties(),
             pair_ties=self._grow(self.pair_ties, n_pairs)[order],
             n_rows=self.n_rows,
         )
