@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                   "ratio": (res["wall_s"] - startup) / floor["inner_s"], "floor_s": floor["inner_s"],
                   "rows": params["n_rows"], "users": params["n_users"], "iterations": params["iterations"],
                   "converged": params["converged"], "timings_s": params.get("timings_s"),
-                  "mu": [round(m["mu"], 4) for m in params["mu"]]}, rows)
+                  "mu": [round(m["mu"], 4) for m in params["mu"]],
+                  "mu_90": [[round(m.get("mu_lo") or float("nan"), 4), round(m.get("mu_hi") or float("nan"), 4)]
+                            for m in params["mu"]]}, rows)
 
 
 if __name__ == "__main__":
