@@ -181,10 +181,11 @@ def initial_state(cells: UserCells, mu0: torch.Tensor) -> tuple[float, float, to
 
 def fit_svi(ctx) -> object:
     """The registry entry for ``--method svi`` (see :mod:`heedful.inference.estimator`)."""
+    from heedful.inference.curvature import marginal_derivatives
     from heedful.inference.diagnostics import build_inference_data, summarize
     from heedful.inference.estimator import MethodResult
     from heedful.inference.marginal import objective
-    from heedful.inference.result import GlobalFit, covariance, hessian_fd
+    from heedful.inference.result import GlobalFit, covariance
     from heedful.model.likelihood import log_marginal
 
     opt = ctx.options
@@ -308,13 +309,8 @@ def fit_svi(ctx) -> object:
     mu_m = gd["mu"].reshape(-1, spec.n_pairs).mean(0)
     rho_m = float(gd["rho"].mean()) if "rho" in gd else None
     theta = spec.pack(a_m, b_m, mu_m.numpy(), rho_m, dt, dev)
-
-    def grad(th: torch.Tensor) -> torch.Tensor:
-        th = th.detach().clone().requires_grad_(True)
-        return torch.autograd.grad(-objective(plan, spec, th), th)[0]
-
     if spec.n_free:
-        cov, w = covariance(hessian_fd(grad, theta), spec.theta_names(stats.pair_labels()))
+        cov, w = covariance(-marginal_derivatives(plan, spec, theta)[2], spec.theta_names(stats.pair_labels()))
         fit_warnings += w
     else:
         cov = np.zeros((0, 0))

@@ -148,9 +148,10 @@ def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dty
 
 
 def csr_tensor(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A sparse CSR tensor from its parts, unchecked (callers build valid ones) and without torch's beta warning."""
+    """A sparse CSR tensor from its parts, unchecked (callers build valid ones), without torch's warnings about it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
 
