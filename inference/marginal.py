@@ -10,6 +10,8 @@ covariance of theta is the inverse of the Hessian of the negative objective at t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from scipy import optimize
@@ -83,17 +85,23 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
 
     H = np.zeros((0, 0))
     if spec.n_free and curvature:
-        theta, H, steps, reached = _polish(plan, spec, theta)
-        iterations += steps
+        def newton_step(f: float) -> None:
+            nonlocal iterations
+            iterations += 1
+            if progress:
+                progress(iterations, f)
+
+        theta, H, _, reached = _polish(plan, spec, theta, newton_step)
         if reached is None:          # not concave, or out of steps: L-BFGS to the top, then Newton again
             res = lbfgs(theta.cpu().numpy(), min(tol, STOP_GAIN * scale))
             converged = bool(res.success) or res.status == 0
-            theta, H, steps, reached = _polish(plan, spec, torch.as_tensor(res.x, dtype=dt, device=dev))
-            iterations += steps
+            theta, H, steps, reached = _polish(plan, spec, torch.as_tensor(res.x, dtype=dt, device=dev),
+                                               newton_step)
             if reached is None and steps == NEWTON_STEPS:
                 warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may still "
                                 "be short of the maximum (a flat, curved ridge in the likelihood); try a smaller "
                                 "[fit] tol")
+        converged = converged or bool(reached)      # Newton's stopping rule is the stricter one
     if spec.n_free:
         if not converged:
             warnings.append(f"the marginal fit stopped after {iterations} iterations without converging "
@@ -122,7 +130,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
 
 
 def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
-            ) -> tuple[torch.Tensor, np.ndarray, int, bool | None]:
+            on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, np.ndarray, int, bool | None]:
     """Newton from theta, in ridge coordinates where they apply; returns theta, the Hessian of -objective
     in theta there, steps taken, and whether the predicted gain fell below NEWTON_GAIN (see :func:`_newton`)."""
     coords = RidgeCoordinates(spec) if RidgeCoordinates.applies(spec) else None
@@ -132,13 +140,14 @@ def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
         if not bool(torch.isfinite(back).all()) or float((back - theta).abs().max()) > 1e-8:
             coords = None            # at an extreme (m or mu at 0 or 1 in floating point): stay in theta
     if coords is None:
-        x, f, g, hess, steps, reached = _newton(plan, spec, theta)
+        x, f, g, hess, steps, reached = _newton(plan, spec, theta, on_step)
         return x, -hess, steps, reached
-    psi, f, g, hess, steps, reached = _newton(plan, coords, psi)
+    psi, f, g, hess, steps, reached = _newton(plan, coords, psi, on_step)
     return coords.to_theta(psi).detach(), -coords.theta_hessian(psi, g, hess), steps, reached
 
 
 def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor,
+            on_step: Callable[[float], None] | None = None,
             ) -> tuple[torch.Tensor, float, np.ndarray, np.ndarray, int, bool | None]:
     """Newton steps x + A^-1 g (A = -hess f, exact) while a step predicts a gain g' A^-1 g / 2 above
     NEWTON_GAIN; a step is halved until f rises. Returns x, f, g and hess f there, steps taken, and True
@@ -165,6 +174,8 @@ def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.
         else:
             return x, f, g, hess, steps, None
         x, steps = cand, steps + 1
+        if on_step:
+            on_step(new)                           # the objective after the step
         f, g, hess = marginal_derivatives(plan, spec, x)
 
 

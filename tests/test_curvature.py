@@ -16,6 +16,7 @@ from heedful.suffstats import vote_stats
 
 F64 = torch.float64
 PAIRS = default_pairs(3, 0.8)
+RIDGE_PAIRS = [(f"m{2 * i:02d}", f"m{2 * i + 1:02d}", float(m)) for i, m in enumerate(np.linspace(0.6, 0.9, 10))]
 
 CASES = {
     "learned prior, free mu": dict(priors=Priors()),
@@ -81,8 +82,7 @@ def test_ridge_coordinates_only_where_the_ridge_exists(case):
 def test_newton_in_ridge_coordinates_reaches_the_top_from_where_lbfgs_stops():
     """Ten pairs, 10 votes per user: L-BFGS's relative-change rule stops on the flat ridge; Newton in psi
     then gets to a predicted gain below 1e-6 in a few steps (in theta it zigzags: the gain halves per step)."""
-    pairs = [(f"m{2 * i:02d}", f"m{2 * i + 1:02d}", float(m)) for i, m in enumerate(np.linspace(0.6, 0.9, 10))]
-    stats = vote_stats(simulate(20_000, 10, pairs=pairs, eta_prior=(3.0, 5.0), seed=1).votes)
+    stats = vote_stats(simulate(20_000, 10, pairs=RIDGE_PAIRS, eta_prior=(3.0, 5.0), seed=1).votes)
     plan = build_plan(stats, torch.device("cpu"), F64)
     spec = global_spec(stats, Priors())
     start = fit_marginal(stats, plan, spec, curvature=False)
@@ -92,3 +92,15 @@ def test_newton_in_ridge_coordinates_reaches_the_top_from_where_lbfgs_stops():
     assert float(objective(plan, spec, top)) > start.objective
     g = _autograd_grad(plan, spec, top).numpy()
     assert 0.5 * g @ np.linalg.solve(A, g) < 1e-6
+
+
+def test_a_fit_that_newton_finishes_is_converged_even_when_lbfgs_ran_out_of_iterations():
+    stats = vote_stats(simulate(20_000, 10, pairs=RIDGE_PAIRS, eta_prior=(3.0, 5.0), seed=1).votes)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    spec = global_spec(stats, Priors())
+    full = fit_marginal(stats, plan, spec)
+    assert full.cov is not None
+    short = fit_marginal(stats, plan, spec, max_iter=4)      # L-BFGS stops after 4 iterations, not converged
+    assert short.converged and not any("without converging" in w for w in short.warnings)
+    assert short.objective == pytest.approx(full.objective, abs=1e-5)
+    np.testing.assert_allclose(short.mu, full.mu, atol=1e-4)
