@@ -63,7 +63,7 @@ from heedful.ingest import stream_vote_stats
 from heedful.inference import Attentiveness
 t = time.perf_counter()
 s = stream_vote_stats(sys.argv[1])
-m = Attentiveness(method=sys.argv[2]).fit(s)
+m = Attentiveness(method=sys.argv[2], options=json.loads(sys.argv[3])).fit(s)
 print(json.dumps({"inner_s": time.perf_counter() - t, "rows": s.n_rows, "users": s.n_users, "iterations": m.n_iter_}))
 """
 
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extra", nargs="*", default=[], help="also these methods: svi (at 1M users), nuts (5k users)")
     p.add_argument("--device", default="auto", help="passed to heedful fit (cuda: the GPU path; 100m for its target)")
     p.add_argument("--extra-timeout", type=float, default=1200.0, help="seconds allowed to svi / nuts")
+    p.add_argument("--extra-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for svi / nuts, e.g. draws=250 (as --option of heedful fit; repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
@@ -180,9 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     for method, size in (("svi", "10m"), ("nuts", "5k")):     # SVI at 1M users, NUTS at 5k users
         if method in args.extra and importlib.util.find_spec(f"heedful.inference.{method}") is not None:
             try:
-                record(f"Attentiveness(method={method!r})", size,
-                       run([sys.executable, "-c", METHOD, str(data_file(args.data, size)), method],
-                           timeout=args.extra_timeout))
+                opts = dict(kv.split("=", 1) for kv in args.extra_option)
+                label = f"Attentiveness(method={method!r}" + "".join(f", {k}={v}" for k, v in opts.items()) + ")"
+                record(label, size, run([sys.executable, "-c", METHOD, str(data_file(args.data, size)), method,
+                                         json.dumps(opts)], timeout=args.extra_timeout))
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"# {method}: {e}", file=sys.stderr)
     if args.crowdkit_python:
