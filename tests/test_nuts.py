@@ -51,13 +51,16 @@ def test_grid_marginal_equals_gauss_jacobi(casual):
         assert float(N.CollapsedPotential(grid, spec).log_marginal(g)) == pytest.approx(exact, rel=1e-8, abs=1e-6)
 
 
-def test_collapsed_potential_is_the_pyro_model_density():
-    """The hand-written potential equals -log density of ``collapsed_model`` under Pyro's own transforms."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_collapsed_potential_is_the_pyro_model_density(exact):
+    """The hand-written potential equals -log density of ``collapsed_model`` under Pyro's own transforms,
+    with the marginal on the signature grid or (as ``fit_nuts`` uses it) by Gauss-Jacobi through the plan."""
     stats, spec, plan, cells = _setup(_rich_votes(1), Priors(casual="position", pairs=(
         PairPrior("model-00", "model-01", beta=(8.0, 2.0)),)))
     grid = N.signature_grid(cells)
-    _, pyro_potential, _, _ = initialize_model(N.collapsed_model, (grid, spec))
-    pot = N.CollapsedPotential(grid, spec)
+    fast = plan if exact else None
+    _, pyro_potential, _, _ = initialize_model(N.collapsed_model, (grid, spec, fast))
+    pot = N.CollapsedPotential(grid, spec, fast)
     rng = np.random.default_rng(0)
     for _ in range(3):
         z = {"eta_mean": torch.tensor(rng.normal(), dtype=F64), "eta_conc": torch.tensor(rng.normal(1, 1), dtype=F64),
