@@ -45,12 +45,7 @@ def _jacobian(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
         u = torch.zeros_like(out, requires_grad=True)
         # <out, u> rather than grad_outputs=u: grad_outputs load sympy on first use
         (v,) = torch.autograd.grad((out * u).sum(), th, create_graph=True, allow_unused=True)
-        cols = []
-        for k in range(th.numel()):
-            (col,) = torch.autograd.grad(v[k], u, retain_graph=True, allow_unused=True) if v is not None \
-                and v.requires_grad else (None,)
-            cols.append(torch.zeros_like(out) if col is None else col)
-    J = torch.stack(cols, -1) if cols else out.new_zeros(out.numel(), 0)
+        J = jacobian_rows(v, u).T if v is not None else out.new_zeros(out.numel(), th.numel())
     Q, G = table.shape
     return J[: Q * G].reshape(Q, G, -1).detach(), J[Q * G:].detach()
 
@@ -113,7 +108,15 @@ def value_grad_hessian(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         (grad,) = torch.autograd.grad(value, x, create_graph=True, allow_unused=True)
         if grad is None:
             return value.detach(), torch.zeros_like(x).detach(), x.new_zeros(x.numel(), x.numel())
-        rows = [torch.autograd.grad(grad[k], x, retain_graph=True, allow_unused=True)[0] if grad.requires_grad
-                else None for k in range(x.numel())]
-    hess = torch.stack([torch.zeros_like(x) if r is None else r for r in rows]) if x.numel() else x.new_zeros(0, 0)
-    return value.detach(), grad.detach(), hess.detach()
+        hess = jacobian_rows(grad, x)
+    return value.detach(), grad.detach(), hess
+
+
+def jacobian_rows(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d out_k / d x for every k of a small vector ``out`` still in x's graph: [len(out), len(x)], detached
+    (one backward pass per k; zeros where out_k does not depend on x)."""
+    if not out.requires_grad:
+        return x.new_zeros(out.numel(), x.numel())
+    rows = [torch.autograd.grad(out[k], x, retain_graph=True, allow_unused=True)[0] for k in range(out.numel())]
+    return torch.stack([torch.zeros_like(x) if r is None else r for r in rows]).detach() if rows \
+        else x.new_zeros(0, x.numel())

@@ -18,7 +18,7 @@ from scipy import optimize
 
 from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import GlobalSpec, initial_mu
-from heedful.inference.result import GlobalFit, ProgressFn, covariance
+from heedful.inference.result import GlobalFit, ProgressFn, covariance, positive_definite
 from heedful.inference.ridge import RidgeCoordinates
 from heedful.model.likelihood import QuadraturePlan, log_marginal
 from heedful.suffstats import VoteStats
@@ -92,16 +92,16 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
                 progress(iterations, f)
 
         theta, H, _, reached = _polish(plan, spec, theta, newton_step)
-        if reached is None:          # not concave, or out of steps: L-BFGS to the top, then Newton again
+        if not reached:              # not concave, or out of steps: L-BFGS to the top, then Newton again
             res = lbfgs(theta.cpu().numpy(), min(tol, STOP_GAIN * scale))
             converged = bool(res.success) or res.status == 0
             theta, H, steps, reached = _polish(plan, spec, torch.as_tensor(res.x, dtype=dt, device=dev),
                                                newton_step)
-            if reached is None and steps == NEWTON_STEPS:
+            if not reached and steps == NEWTON_STEPS:
                 warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may still "
                                 "be short of the maximum (a flat, curved ridge in the likelihood); try a smaller "
                                 "[fit] tol")
-        converged = converged or bool(reached)      # Newton's stopping rule is the stricter one
+        converged = converged or reached            # Newton's stopping rule is the stricter one
     if spec.n_free:
         if not converged:
             warnings.append(f"the marginal fit stopped after {iterations} iterations without converging "
@@ -130,7 +130,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
 
 
 def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
-            on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, np.ndarray, int, bool | None]:
+            on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, np.ndarray, int, bool]:
     """Newton from theta, in ridge coordinates where they apply; returns theta, the Hessian of -objective
     in theta there, steps taken, and whether the predicted gain fell below NEWTON_GAIN (see :func:`_newton`)."""
     coords = RidgeCoordinates(spec) if RidgeCoordinates.applies(spec) else None
@@ -148,23 +148,23 @@ def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
 
 def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor,
             on_step: Callable[[float], None] | None = None,
-            ) -> tuple[torch.Tensor, float, np.ndarray, np.ndarray, int, bool | None]:
+            ) -> tuple[torch.Tensor, float, np.ndarray, np.ndarray, int, bool]:
     """Newton steps x + A^-1 g (A = -hess f, exact) while a step predicts a gain g' A^-1 g / 2 above
     NEWTON_GAIN; a step is halved until f rises. Returns x, f, g and hess f there, steps taken, and True
-    when the predicted gain fell below NEWTON_GAIN, None when A is not positive definite, a step could
+    when the predicted gain fell below NEWTON_GAIN, False when A is not positive definite, a step could
     not raise f, or NEWTON_STEPS ran out.
     """
     f, g, hess = marginal_derivatives(plan, spec, x)
     steps = 0
     while True:
         lam, V = np.linalg.eigh(-hess)
-        if not np.all(np.isfinite(lam)) or lam.min() <= 1e-10 * max(1.0, abs(lam).max()):
-            return x, f, g, hess, steps, None      # not concave here: covariance() reports it if it stays so
+        if not positive_definite(lam):
+            return x, f, g, hess, steps, False     # not concave here: covariance() reports it if it stays so
         step = V @ ((V.T @ g) / lam)
         if 0.5 * float(g @ step) <= NEWTON_GAIN:
             return x, f, g, hess, steps, True
         if steps == NEWTON_STEPS:
-            return x, f, g, hess, steps, None
+            return x, f, g, hess, steps, False
         t = 1.0
         for _ in range(8):
             cand = x + t * torch.as_tensor(step, dtype=x.dtype, device=x.device)
@@ -172,7 +172,7 @@ def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.
                 break
             t *= 0.5
         else:
-            return x, f, g, hess, steps, None
+            return x, f, g, hess, steps, False
         x, steps = cand, steps + 1
         if on_step:
             on_step(new)                           # the objective after the step

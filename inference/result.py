@@ -54,12 +54,18 @@ def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Ten
     return 0.5 * (H + H.T)
 
 
+def positive_definite(eigenvalues: np.ndarray) -> bool:
+    """Whether a symmetric matrix with these eigenvalues is safely positive definite (relative 1e-10)."""
+    w = eigenvalues
+    return bool(np.all(np.isfinite(w)) and w.min() > 1e-10 * max(1.0, abs(w).max()))
+
+
 def covariance(H: np.ndarray, names: list[str]) -> tuple[np.ndarray | None, list[str]]:
     """Inverse of the Hessian of -objective, or None with a warning when it is not positive definite."""
     if H.size == 0:
         return np.zeros((0, 0)), []
     w, V = np.linalg.eigh(H)
-    if not np.all(np.isfinite(w)) or w.min() <= 1e-10 * max(1.0, abs(w).max()):
+    if not positive_definite(w):
         flat = V[:, int(np.argmin(w))]
         worst = names[int(np.argmax(np.abs(flat)))]
         return None, [f"the likelihood is flat or curved the wrong way along {worst}: the globals are not "

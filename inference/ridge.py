@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from heedful.inference.curvature import value_grad_hessian
+from heedful.inference.curvature import jacobian_rows, value_grad_hessian
 from heedful.inference.globals import Globals, GlobalSpec
 
 
@@ -76,6 +76,4 @@ class RidgeCoordinates:
     def _jacobian(self, psi: torch.Tensor) -> np.ndarray:
         x = psi.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            theta = self.to_theta(x)
-            rows = [torch.autograd.grad(theta[k], x, retain_graph=True)[0] for k in range(theta.numel())]
-        return torch.stack(rows).cpu().numpy().astype(np.float64)
+            return jacobian_rows(self.to_theta(x), x).cpu().numpy().astype(np.float64)
