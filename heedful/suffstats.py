@@ -116,6 +116,27 @@ class VoteStats:
         except ValueError:
             return None
 
+    def sample_users(self, n: int, seed: int = 0) -> VoteStats:
+        """n users drawn at random without replacement (in their original order) with all their cells.
+
+        The per-pair counts that no user owns (gold labels, ties) are thinned binomially to the sample's
+        fraction f = n / U: gold_a' ~ Bin(gold_a, f), gold_n' - gold_a' ~ Bin(gold_n - gold_a, f)."""
+        rng = np.random.default_rng(seed)
+        n = min(n, self.n_users)
+        keep = np.sort(rng.choice(self.n_users, size=n, replace=False))
+        code = np.full(self.n_users, -1, dtype=np.int64)
+        code[keep] = np.arange(n)
+        cell = code[self.cell_user] >= 0
+        f = n / max(self.n_users, 1)
+        gold_a = rng.binomial(self.gold_a, f)
+        gold_n = gold_a + rng.binomial(self.gold_n - self.gold_a, f)
+        user_ties = self.user_ties[keep]
+        return VoteStats(users=self.users[keep], pairs=list(self.pairs), cell_user=code[self.cell_user[cell]],
+                         cell_kind=self.cell_kind[cell], cell_count=self.cell_count[cell],
+                         gold_a=gold_a.astype(np.int64), gold_n=gold_n.astype(np.int64), user_ties=user_ties,
+                         pair_ties=rng.binomial(self.pair_ties, f).astype(np.int64),
+                         n_rows=int(self.cell_count[cell].sum() + user_ties.sum()))
+
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Cells and kinds as tensors on ``device``; counts in ``dtype`` (exact in float64 up to 2**53)."""
         kinds = self.kinds()

@@ -6,6 +6,12 @@ over theta (log a, log b, logit rho, logit mu or strengths): scipy's L-BFGS-B wi
 gradients to its relative-change rule, then Newton steps with the exact Hessian
 (:mod:`heedful.inference.curvature`) until a step predicts a gain below 1e-6 log-units. The
 covariance of theta is the inverse of the Hessian of the negative objective at that point.
+
+On many users (>= WARM_FACTOR x WARM_USERS) the climb starts from the maximum for a random
+max(WARM_USERS, U / WARM_FACTOR) users instead (found the same way, so large data descends through a few
+levels): there the sample's Hessian, scaled by N_votes / n_votes, stands in for the full one, and BFGS
+steps on the full data (a gradient each) carry it to where the exact Newton check passes. The maximum
+is the same (the same Newton stopping rule decides); only the path is cheaper.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import GlobalSpec, initial_mu
 from heedful.inference.result import GlobalFit, ProgressFn, covariance, positive_definite
 from heedful.inference.ridge import RidgeCoordinates
-from heedful.model.likelihood import QuadraturePlan, log_marginal
+from heedful.model.likelihood import QuadraturePlan, build_plan, log_marginal
 from heedful.suffstats import VoteStats
 
 NEWTON_GAIN = 1e-6     # log-posterior units: Newton steps stop below this predicted gain
@@ -33,6 +39,11 @@ NEWTON_STEPS = 8
 # min(tol, STOP_GAIN / n_votes), i.e. until an iteration gains less than STOP_GAIN log-units, and Newton
 # runs again. Refits inside a profile likelihood (curvature=False) keep tol: their differences are what counts.
 STOP_GAIN = 1e-5
+WARM_USERS = 1 << 16    # fewest users in the warm start's random sample
+WARM_FACTOR = 8         # ... a 1 / WARM_FACTOR sample, used from WARM_FACTOR x WARM_USERS users on
+WARM_PAIR_VOTES = 200   # ... and the sample has at least this many votes on every pair with a free mu
+QN_GAIN = 1e-7          # BFGS steps on the full data stop once a step predicts less (the exact check follows)
+QN_STEPS = 20
 
 
 def objective(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, theta: torch.Tensor) -> torch.Tensor:
@@ -49,69 +60,69 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     scale = 1.0 / max(stats.n_votes, 1)
     a0, b0, mu0, rho0 = start if start is not None else (*(spec.eta_fixed or (1.0, 1.0)),
                                                           initial_mu(stats, spec), spec.rho_fixed)
-    theta0 = spec.pack(a0, b0, mu0, rho0, dt, dev)
+    theta = spec.pack(a0, b0, mu0, rho0, dt, dev)
     warnings: list[str] = []
-    iterations, converged = 0, spec.n_free == 0
-    theta = theta0
+    iterations, converged, res, H = 0, spec.n_free == 0, None, np.zeros((0, 0))
+    last = {"loss": float("nan")}
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        th = torch.as_tensor(x, dtype=dt, device=dev).requires_grad_(True)
+        loss = -objective(plan, spec, th) * scale
+        (g,) = torch.autograd.grad(loss, th)
+        last["loss"] = float(loss.detach())
+        if not torch.isfinite(loss):
+            return 1e30, np.zeros_like(x)
+        return float(loss.detach()), g.detach().cpu().numpy().astype(np.float64)
+
+    def callback(xk: np.ndarray) -> None:
+        nonlocal iterations
+        iterations += 1
+        if progress:
+            progress(iterations, -last["loss"] / scale)
+
+    def newton_step(f: float) -> None:
+        nonlocal iterations
+        iterations += 1
+        if progress:
+            progress(iterations, f)
+
+    # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
+    bounds = [(-30.0, 30.0)] * spec.n_free
+
+    def lbfgs(x0: torch.Tensor, ftol: float) -> tuple[torch.Tensor, optimize.OptimizeResult]:
+        r = optimize.minimize(fun, x0.cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                              options={"maxiter": max_iter, "gtol": 1e-9, "ftol": ftol})
+        return torch.as_tensor(r.x, dtype=dt, device=dev), r
+
     if spec.n_free:
-        last = {"loss": float("nan")}
-
-        def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-            th = torch.as_tensor(x, dtype=dt, device=dev).requires_grad_(True)
-            loss = -objective(plan, spec, th) * scale
-            (g,) = torch.autograd.grad(loss, th)
-            last["loss"] = float(loss.detach())
-            if not torch.isfinite(loss):
-                return 1e30, np.zeros_like(x)
-            return float(loss.detach()), g.detach().cpu().numpy().astype(np.float64)
-
-        def callback(xk: np.ndarray) -> None:
-            nonlocal iterations
-            iterations += 1
-            if progress:
-                progress(iterations, -last["loss"] / scale)
-
-        # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
-        bounds = [(-30.0, 30.0)] * spec.n_free
-
-        def lbfgs(x0: np.ndarray, ftol: float) -> optimize.OptimizeResult:
-            return optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
-                                     options={"maxiter": max_iter, "gtol": 1e-9, "ftol": ftol})
-
-        res = lbfgs(theta0.cpu().numpy(), tol)
-        converged = bool(res.success) or res.status == 0
-        theta = torch.as_tensor(res.x, dtype=dt, device=dev)
-    theta = theta.detach()
-
-    H = np.zeros((0, 0))
-    if spec.n_free and curvature:
-        def newton_step(f: float) -> None:
-            nonlocal iterations
-            iterations += 1
-            if progress:
-                progress(iterations, f)
-
-        theta, H, _, reached = _polish(plan, spec, theta, newton_step)
-        if not reached:              # not concave, or out of steps: L-BFGS to the top, then Newton again
-            res = lbfgs(theta.cpu().numpy(), min(tol, STOP_GAIN * scale))
+        warm = _warm_start(stats, plan, spec, tol, max_iter) if start is None and curvature else None
+        if warm is not None:                  # BFGS from the sample's maximum, then the exact Newton check
+            theta = _quasi_newton(plan, RidgeCoordinates(spec), *warm, newton_step)
+            theta, H, _, converged = _polish(plan, spec, theta, newton_step)
+        if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
+            theta, res = lbfgs(theta, tol)
             converged = bool(res.success) or res.status == 0
-            theta, H, steps, reached = _polish(plan, spec, torch.as_tensor(res.x, dtype=dt, device=dev),
-                                               newton_step)
-            if not reached and steps == NEWTON_STEPS:
-                warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may still "
-                                "be short of the maximum (a flat, curved ridge in the likelihood); try a smaller "
-                                "[fit] tol")
-        converged = converged or reached            # Newton's stopping rule is the stricter one
-    if spec.n_free:
+            if curvature:
+                theta, H, _, reached = _polish(plan, spec, theta, newton_step)
+                if not reached:               # not concave, or out of steps: L-BFGS to the top, Newton again
+                    theta, res = lbfgs(theta, min(tol, STOP_GAIN * scale))
+                    converged = bool(res.success) or res.status == 0
+                    theta, H, steps, reached = _polish(plan, spec, theta, newton_step)
+                    if not reached and steps == NEWTON_STEPS:
+                        warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may "
+                                        "still be short of the maximum (a flat, curved ridge in the likelihood); "
+                                        "try a smaller [fit] tol")
+                converged = converged or reached      # Newton's stopping rule is the stricter one
         if not converged:
             warnings.append(f"the marginal fit stopped after {iterations} iterations without converging "
                             f"({res.message})")
-        x = theta.cpu().numpy()
+        x = theta.detach().cpu().numpy()
         at_bound = np.isclose(np.abs(x), 30.0)
         if at_bound.any():
             names = spec.theta_names(stats.pair_labels())
             warnings.append("at the edge of the parameter space: " + ", ".join(n for n, b in zip(names, at_bound,
                                                                                               strict=True) if b))
+    theta = theta.detach()
     with torch.no_grad():
         g = spec.unpack(theta)
         a, b, mu = g.a, g.b, g.mu
@@ -127,6 +138,69 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
                      theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=int(iterations), converged=converged,
                      warnings=warnings, spec=spec)
+
+
+def _warm_start(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, tol: float,
+                max_iter: int) -> tuple[torch.Tensor, np.ndarray] | None:
+    """psi at the maximum for a random sample of users, and -hess f there scaled by N_votes / n_votes
+    (the full data's -hess f to O(n^-1/2)); None where the sample would not help."""
+    if not RidgeCoordinates.applies(spec) or stats.n_users < WARM_FACTOR * WARM_USERS:
+        return None
+    sample = stats.sample_users(max(WARM_USERS, stats.n_users // WARM_FACTOR), seed=0)
+    if (sample.pair_votes()[spec.free_mu] < WARM_PAIR_VOTES).any():
+        return None
+    sample_plan = build_plan(sample, plan.device, plan.dtype)
+    fit = fit_marginal(sample, sample_plan, spec, tol=tol, max_iter=max_iter)   # itself warm-started if large
+    if not fit.converged:
+        return None
+    coords = RidgeCoordinates(spec)
+    psi = torch.as_tensor(coords.from_theta(fit.theta), dtype=plan.dtype, device=plan.device)
+    if not bool(torch.isfinite(psi).all()):
+        return None
+    _, _, hess = marginal_derivatives(sample_plan, coords, psi)
+    A = -hess * (stats.n_votes / max(sample.n_votes, 1))
+    return (psi, A) if positive_definite(np.linalg.eigvalsh(A)) else None
+
+
+def _quasi_newton(plan: QuadraturePlan, coords: RidgeCoordinates, psi: torch.Tensor, A: np.ndarray,
+                  on_step: Callable[[float], None] | None = None) -> torch.Tensor:
+    """BFGS steps psi + A^-1 g on the full data, A (~ -hess f) updated from each step's change in gradient,
+    while a step predicts a gain above QN_GAIN (at most QN_STEPS; a step is halved until f rises).
+    Returns theta at the last point reached."""
+    f, g = _value_grad(plan, coords, psi)
+    for _ in range(QN_STEPS if np.isfinite(f) else 0):
+        step = np.linalg.solve(A, g)
+        if 0.5 * float(g @ step) <= QN_GAIN:
+            break
+        t = 1.0
+        for _ in range(8):
+            cand = psi + t * torch.as_tensor(step, dtype=psi.dtype, device=psi.device)
+            fn, gn = _value_grad(plan, coords, cand)
+            if np.isfinite(fn) and fn >= f:
+                break
+            t *= 0.5
+        else:
+            break
+        s, y = t * step, g - gn                  # A s ~ -(grad change)
+        As, sy = A @ s, float(s @ y)
+        if sy > 0:                               # keeps A positive definite
+            A = A - np.outer(As, As) / float(s @ As) + np.outer(y, y) / sy
+        psi, f, g = cand, fn, gn
+        if on_step:
+            on_step(f)
+    return coords.to_theta(psi).detach()
+
+
+def _value_grad(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor) -> tuple[float, np.ndarray]:
+    """The objective and its gradient at x; (nan, nan) where x maps to no valid globals."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        g = spec.unpack(x)
+        if not all(bool(torch.isfinite(t).all()) for t in (g.a, g.b, g.mu)):
+            return float("nan"), np.full(x.numel(), np.nan)
+        f = objective(plan, spec, x)
+        (grad,) = torch.autograd.grad(f, x)
+    return float(f.detach()), grad.cpu().numpy().astype(np.float64)
 
 
 def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import heedful.inference.marginal as M
 from heedful.config import PairPrior, Priors
 from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import global_spec, initial_mu
@@ -104,3 +105,59 @@ def test_a_fit_that_newton_finishes_is_converged_even_when_lbfgs_ran_out_of_iter
     assert short.converged and not any("without converging" in w for w in short.warnings)
     assert short.objective == pytest.approx(full.objective, abs=1e-5)
     np.testing.assert_allclose(short.mu, full.mu, atol=1e-4)
+
+
+def _ridge_setup(users: int = 20_000, **kw):
+    sim = simulate(users, 10, pairs=RIDGE_PAIRS, eta_prior=(3.0, 5.0), seed=1, **kw)
+    stats = vote_stats(sim.votes)
+    return stats, build_plan(stats, torch.device("cpu"), F64)
+
+
+@pytest.mark.parametrize("priors,kw", [(Priors(), {}),
+                                       (Priors(casual="position"), dict(position_share=0.5, gold_rate=0.02))])
+def test_warm_start_from_a_user_sample_reaches_the_same_maximum(monkeypatch, priors, kw):
+    """Above WARM_FACTOR x WARM_USERS users the climb starts at a sample's maximum (BFGS, then Newton's check);
+    the maximum and its curvature are those of the cold climb (L-BFGS, then Newton)."""
+    stats, plan = _ridge_setup(**kw)
+    spec = global_spec(stats, priors)
+    monkeypatch.setattr(M, "WARM_FACTOR", 10**9)
+    cold = fit_marginal(stats, plan, spec)
+    calls = []
+    qn = M._quasi_newton
+    monkeypatch.setattr(M, "_quasi_newton", lambda *a, **k: calls.append(a[2]) or qn(*a, **k))
+    monkeypatch.setattr(M, "WARM_FACTOR", 4)
+    monkeypatch.setattr(M, "WARM_USERS", 1024)        # 20,000 users: a sample of 5,000, itself warm-started
+    warm = fit_marginal(stats, plan, spec)
+    assert len(calls) == 2                            # two levels: 5,000 users from 1,250, 20,000 from 5,000
+    assert warm.converged and cold.converged
+    assert warm.objective == pytest.approx(cold.objective, abs=2e-6)
+    np.testing.assert_allclose(warm.theta, cold.theta, atol=2e-4)
+    np.testing.assert_allclose(warm.cov, cold.cov, rtol=2e-3, atol=1e-6)
+
+
+def test_a_warm_start_that_misleads_falls_back_to_the_cold_climb(monkeypatch):
+    stats, plan = _ridge_setup()
+    spec = global_spec(stats, Priors())
+    cold = fit_marginal(stats, plan, spec)
+    monkeypatch.setattr(M, "WARM_FACTOR", 4)
+    monkeypatch.setattr(M, "WARM_USERS", 1024)
+    far = spec.pack(1.0, 1.0, np.full(10, 0.55), None, F64, torch.device("cpu"))
+    monkeypatch.setattr(M, "_quasi_newton", lambda *a, **k: far)     # BFGS "ends" far from the top
+    monkeypatch.setattr(M, "NEWTON_STEPS", 1)                        # ... where one Newton step cannot finish
+    fit = fit_marginal(stats, plan, spec)
+    assert fit.objective == pytest.approx(cold.objective, abs=1e-5)
+    np.testing.assert_allclose(fit.mu, cold.mu, atol=1e-3)
+
+
+def test_sample_users_keeps_each_sampled_users_cells_and_thins_pair_counts():
+    stats = vote_stats(simulate(3_000, 6, pairs=PAIRS, gold_rate=0.1, seed=2).votes)
+    sample = stats.sample_users(1_000, seed=5)
+    assert sample.n_users == 1_000 and sample.pairs == stats.pairs
+    pos = stats.users.get_indexer(sample.users)
+    assert (np.diff(pos) > 0).all()                   # original order kept
+    np.testing.assert_array_equal(sample.user_votes(), stats.user_votes()[pos])
+    np.testing.assert_array_equal(sample.user_ties, stats.user_ties[pos])
+    assert ((sample.gold_a <= stats.gold_a) & (sample.gold_n - sample.gold_a <= stats.gold_n - stats.gold_a)).all()
+    assert 0.2 < sample.gold_n.sum() / stats.gold_n.sum() < 0.5
+    again = stats.sample_users(1_000, seed=5)
+    assert list(again.users) == list(sample.users)
