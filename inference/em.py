@@ -41,9 +41,17 @@ import torch
 
 from heedful.errors import InputError
 from heedful.inference.curvature import marginal_derivatives
-from heedful.inference.globals import Globals, GlobalSpec, initial_mu
+from heedful.inference.globals import Globals, GlobalSpec, initial_mu, warm_sample
 from heedful.inference.result import GlobalFit, ProgressFn, covariance
-from heedful.model.likelihood import QuadraturePlan, casual_prob, csr_tensor, gold_loglik, log_marginal, vote_loglik
+from heedful.model.likelihood import (
+    QuadraturePlan,
+    build_plan,
+    casual_prob,
+    csr_tensor,
+    gold_loglik,
+    log_marginal,
+    vote_loglik,
+)
 from heedful.suffstats import VoteStats
 
 EM_DEFAULT_PRIOR = (1.0, 1.0)
@@ -107,6 +115,8 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             raise InputError(f"--method em needs a per-user rho prior with a, b >= 1; got Beta({ra:g}, {rb:g})")
         rho = torch.full((stats.n_users,), 0.5, dtype=dt, device=dev)
         rho_prior = (torch.tensor(ra, dtype=dt, device=dev), torch.tensor(rb, dtype=dt, device=dev))
+    if solver != "em" and not spec.rho_user and (sample := warm_sample(stats, spec)) is not None:
+        mu, rho = _warm_start(sample, spec, a, b, mu, rho, tol, max_iter, dev, dt)
     if solver == "em" or spec.rho_user:
         eta, mu, rho, obj, it, converged = _plain_em(stats, plan, spec, cells, a, b, mu, rho, rho_prior,
                                                      tol, max_iter, progress, trace)
@@ -138,6 +148,19 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
                      objective=obj, log_likelihood=ll, iterations=it, converged=converged, warnings=warnings,
                      eta_map=eta.cpu().numpy(), spec=mu_spec,
                      rho_prior=None if rho_prior is None else (float(rho_prior[0]), float(rho_prior[1])))
+
+
+def _warm_start(sample: VoteStats, spec: GlobalSpec, a: float, b: float, mu: torch.Tensor,
+                rho: torch.Tensor | None, tol: float, max_iter: int, dev: torch.device,
+                dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mu, rho) of profile Newton on a random sample of the users (itself warm-started when large): the full
+    fit starts there and needs fewer of its iterations, each a pass over every cell."""
+    if (inner := warm_sample(sample, spec)) is not None:
+        mu, rho = _warm_start(inner, spec, a, b, mu, rho, tol, max_iter, dev, dt)
+    plan = build_plan(sample, dev, dt)
+    _, mu_s, rho_s, _, _, converged = _Profile(sample, plan, spec, sample.tensors(dev, dt), a, b).run(
+        mu, rho, tol, max_iter, None, None)
+    return (mu_s, rho_s) if converged else (mu, rho)
 
 
 def _plain_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor],

@@ -7,9 +7,9 @@ gradients to its relative-change rule, then Newton steps with the exact Hessian
 (:mod:`heedful.inference.curvature`) until a step predicts a gain below 1e-6 log-units. The
 covariance of theta is the inverse of the Hessian of the negative objective at that point.
 
-On many users (>= WARM_FACTOR x WARM_USERS) the climb starts from the maximum for a random
-max(WARM_USERS, U / WARM_FACTOR) users instead (found the same way, so large data descends through a few
-levels): there the sample's Hessian, scaled by N_votes / n_votes, stands in for the full one, and BFGS
+On many users the climb starts from the maximum for a random sample of them instead
+(:func:`heedful.inference.globals.warm_sample`, found the same way, so large data descends through a
+few levels): there the sample's Hessian, scaled by N_votes / n_votes, stands in for the full one, and BFGS
 steps on the full data (a gradient each) carry it to where the exact Newton check passes. The maximum
 is the same (the same Newton stopping rule decides); only the path is cheaper.
 """
@@ -23,7 +23,7 @@ import torch
 from scipy import optimize
 
 from heedful.inference.curvature import marginal_derivatives
-from heedful.inference.globals import GlobalSpec, initial_mu
+from heedful.inference.globals import GlobalSpec, initial_mu, warm_sample
 from heedful.inference.result import GlobalFit, ProgressFn, covariance, positive_definite
 from heedful.inference.ridge import RidgeCoordinates
 from heedful.model.likelihood import QuadraturePlan, build_plan, log_marginal
@@ -39,9 +39,6 @@ NEWTON_STEPS = 8
 # min(tol, STOP_GAIN / n_votes), i.e. until an iteration gains less than STOP_GAIN log-units, and Newton
 # runs again. Refits inside a profile likelihood (curvature=False) keep tol: their differences are what counts.
 STOP_GAIN = 1e-5
-WARM_USERS = 1 << 16    # fewest users in the warm start's random sample
-WARM_FACTOR = 8         # ... a 1 / WARM_FACTOR sample, used from WARM_FACTOR x WARM_USERS users on
-WARM_PAIR_VOTES = 200   # ... and the sample has at least this many votes on every pair with a free mu
 QN_GAIN = 1e-7          # BFGS steps on the full data stop once a step predicts less (the exact check follows)
 QN_STEPS = 20
 
@@ -144,10 +141,8 @@ def _warm_start(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, tol: f
                 max_iter: int) -> tuple[torch.Tensor, np.ndarray] | None:
     """psi at the maximum for a random sample of users, and -hess f there scaled by N_votes / n_votes
     (the full data's -hess f to O(n^-1/2)); None where the sample would not help."""
-    if not RidgeCoordinates.applies(spec) or stats.n_users < WARM_FACTOR * WARM_USERS:
-        return None
-    sample = stats.sample_users(max(WARM_USERS, stats.n_users // WARM_FACTOR), seed=0)
-    if (sample.pair_votes()[spec.free_mu] < WARM_PAIR_VOTES).any():
+    sample = warm_sample(stats, spec) if RidgeCoordinates.applies(spec) else None
+    if sample is None:
         return None
     sample_plan = build_plan(sample, plan.device, plan.dtype)
     fit = fit_marginal(sample, sample_plan, spec, tol=tol, max_iter=max_iter)   # itself warm-started if large

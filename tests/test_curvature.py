@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import heedful.inference.globals as G
 import heedful.inference.marginal as M
 from heedful.config import PairPrior, Priors
 from heedful.inference.curvature import marginal_derivatives
@@ -120,13 +121,13 @@ def test_warm_start_from_a_user_sample_reaches_the_same_maximum(monkeypatch, pri
     the maximum and its curvature are those of the cold climb (L-BFGS, then Newton)."""
     stats, plan = _ridge_setup(**kw)
     spec = global_spec(stats, priors)
-    monkeypatch.setattr(M, "WARM_FACTOR", 10**9)
+    monkeypatch.setattr(G, "WARM_FACTOR", 10**9)
     cold = fit_marginal(stats, plan, spec)
     calls = []
     qn = M._quasi_newton
     monkeypatch.setattr(M, "_quasi_newton", lambda *a, **k: calls.append(a[2]) or qn(*a, **k))
-    monkeypatch.setattr(M, "WARM_FACTOR", 4)
-    monkeypatch.setattr(M, "WARM_USERS", 1024)        # 20,000 users: a sample of 5,000, itself warm-started
+    monkeypatch.setattr(G, "WARM_FACTOR", 4)
+    monkeypatch.setattr(G, "WARM_USERS", 1024)        # 20,000 users: a sample of 5,000, itself warm-started
     warm = fit_marginal(stats, plan, spec)
     assert len(calls) == 2                            # two levels: 5,000 users from 1,250, 20,000 from 5,000
     assert warm.converged and cold.converged
@@ -139,8 +140,8 @@ def test_a_warm_start_that_misleads_falls_back_to_the_cold_climb(monkeypatch):
     stats, plan = _ridge_setup()
     spec = global_spec(stats, Priors())
     cold = fit_marginal(stats, plan, spec)
-    monkeypatch.setattr(M, "WARM_FACTOR", 4)
-    monkeypatch.setattr(M, "WARM_USERS", 1024)
+    monkeypatch.setattr(G, "WARM_FACTOR", 4)
+    monkeypatch.setattr(G, "WARM_USERS", 1024)
     far = spec.pack(1.0, 1.0, np.full(10, 0.55), None, F64, torch.device("cpu"))
     monkeypatch.setattr(M, "_quasi_newton", lambda *a, **k: far)     # BFGS "ends" far from the top
     monkeypatch.setattr(M, "NEWTON_STEPS", 1)                        # ... where one Newton step cannot finish

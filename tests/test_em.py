@@ -146,3 +146,27 @@ def test_cli_option_picks_the_em_solver(tmp_path):
     bad = CliRunner().invoke(app, ["fit", str(votes), "-o", str(tmp_path / "x"), "--method", "em",
                                    "--option", "solver=bogus"])
     assert bad.exit_code != 0 and "em solver must be one of" in str(bad.exception or bad.output)
+
+
+def test_a_warm_start_from_a_user_sample_reaches_the_same_fixed_point(monkeypatch):
+    """Above WARM_FACTOR x WARM_USERS users profile Newton starts at a user sample's (mu, rho) (the sample
+    itself warm-started): fewer full iterations, the same joint MAP as the cold start."""
+    import heedful.inference.globals as G
+
+    sim = simulate(12_000, 10, pairs=default_pairs(4, 0.8), position_share=0.5, gold_rate=0.02, seed=6)
+    priors = Priors(eta=(2.0, 3.0), casual="position")
+    monkeypatch.setattr(G, "WARM_FACTOR", 10**9)
+    cold = _fit(sim.votes, priors, "newton")
+    starts = []
+    run = em._Profile.run
+    monkeypatch.setattr(em._Profile, "run", lambda self, mu, *a: starts.append(mu.clone()) or run(self, mu, *a))
+    monkeypatch.setattr(G, "WARM_FACTOR", 4)
+    monkeypatch.setattr(G, "WARM_USERS", 512)      # 12,000 users: a sample of 3,000 from one of 750
+    warm = _fit(sim.votes, priors, "newton")
+    assert len(starts) == 3
+    assert not torch.equal(starts[-1], starts[0])  # the full fit started where the samples ended
+    assert warm.converged and warm.iterations < cold.iterations
+    np.testing.assert_allclose(warm.mu, cold.mu, atol=1e-6)
+    np.testing.assert_allclose(warm.eta_map, cold.eta_map, atol=1e-6)
+    assert warm.rho == pytest.approx(cold.rho, abs=1e-6)
+    assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
