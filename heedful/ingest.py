@@ -246,7 +246,7 @@ class _Batch:
     gold_canon_a: np.ndarray         # bool [n]
     user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
     user_known: np.ndarray | None = None   # global codes found in a snapshot of the user index (-1: not found)
-    id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids
+    id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids, sorted
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -616,6 +616,8 @@ class StatsBuilder:
     gold_n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     id_hashes: list[np.ndarray] = field(default_factory=list)
     n_rows: int = 0
+    presort: bool = False   # sort each batch's keys on arrival (a fold then merges sorted runs): with few cores
+                            # the counting thread has slack while the workers read; with many it is the bottleneck
 
     @property
     def n_users(self) -> int:
@@ -657,7 +659,7 @@ class StatsBuilder:
         gold = np.where(b.gold_known, np.where(b.gold_canon_a == b.pick_a, 1, 2), 0)
         kind = ((pair * 2 + b.pick_a) * N_FIRST + b.first) * N_GOLD + gold
         key = (user[live] << 32) | kind[live]
-        self.pending.append((key, None))
+        self.pending.append((np.sort(key) if self.presort else key, None))
         self.n_pending += len(key)
         self.n_rows += len(user)
         if self.n_pending >= max(self.buffer_rows, len(self.cell_key)):   # geometric: O(log) folds
@@ -674,7 +676,13 @@ class StatsBuilder:
             return
         keys, counts = [self.cell_key], [self.cell_count]
         plain = [k for k, w in self.pending if w is None]
-        if plain:
+        if plain and self.presort:
+            k = plain[0] if len(plain) == 1 else np.sort(np.concatenate(plain), kind="stable")   # merges the runs
+            start = _group_starts(k)
+            k, c = k[start], np.diff(np.append(start, len(k))).astype(np.int64)
+            keys.append(k)
+            counts.append(c)
+        elif plain:
             k, c = unique_counts(np.concatenate(plain))
             keys.append(k)
             counts.append(c)
@@ -727,25 +735,19 @@ class StatsBuilder:
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
         n_pairs, n_kinds = len(pairs), max(len(pairs) * KINDS_PER_PAIR, 1)
-
-        def final(key: np.ndarray) -> np.ndarray:     # user << 32 | provisional kind -> user * n_kinds + kind
-            k = key & 0xFFFFFFFF
-            return (key >> 32) * n_kinds + rank[k // KINDS_PER_PAIR] * KINDS_PER_PAIR + k % KINDS_PER_PAIR
-
-        cells = (final(self.cell_key), self.cell_count)
-        pending = [(final(k), w) for k, w in self.pending]
-        if not pending and np.array_equal(order, np.arange(len(order))):
-            key, count = cells                      # already sorted by (user, kind)
-        else:
-            folder = StatsBuilder(pending=pending + ([cells] if len(cells[0]) else []))
-            folder._fold()
-            key, count = folder.cell_key, folder.cell_count
+        provisional = np.arange(n_kinds)
+        final_kind = rank[provisional // KINDS_PER_PAIR] * KINDS_PER_PAIR + provisional % KINDS_PER_PAIR
+        self._fold()
+        user, kind, count = self.cell_key >> 32, final_kind[self.cell_key & 0xFFFFFFFF], self.cell_count
+        if not np.array_equal(order, np.arange(len(order))):   # sorted by user, kinds permuted inside each user:
+            by_key = np.argsort(user * n_kinds + kind, kind="stable")   # timsort on that is close to linear
+            user, kind, count = user[by_key], kind[by_key], count[by_key]
         users = pd.Index(self.users.to_pandas() if self.users is not None else [], name="user_id")
         return VoteStats(
             users=users,
             pairs=[(str(a), str(b)) for a, b in pairs],
-            cell_user=key // n_kinds,
-            cell_kind=key % n_kinds,
+            cell_user=user,
+            cell_kind=kind,
             cell_count=count.astype(np.int64),
             gold_a=self._grow(self.gold_a, n_pairs)[order],
             gold_n=self._grow(self.gold_n, n_pairs)[order],
@@ -755,10 +757,12 @@ class StatsBuilder:
         )
 
     def duplicate_ids(self) -> bool:
-        """Whether two vote ids share a hash (then :func:`_vote_id_error` confirms on the ids)."""
+        """Whether two vote ids share a hash (then :func:`_vote_id_error` confirms on the ids). The batches'
+        hashes come sorted, so a stable sort (timsort) of their concatenation is a merge of sorted runs."""
         if not self.id_hashes:
             return False
-        return has_repeats(np.concatenate(self.id_hashes))
+        s = np.sort(np.concatenate(self.id_hashes), kind="stable")
+        return bool((s[1:] == s[:-1]).any())
 
     def add_prepared(self, b: _Batch) -> None:
         """Count a batch made by :func:`prepare_batch`."""
@@ -834,7 +838,7 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int, users: UserInde
         if not ok:
             _encode_pandas(batch, source, row0)        # raises validate_votes' message for a blank id
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
-        b.id_hash = hash_ids(col)
+        b.id_hash = np.sort(hash_ids(col))      # sorted here, in a worker: the final check merges sorted runs
     b.user_hash = hash_ids(b.user_values)
     if users is not None:
         b.user_known = users.lookup(b.user_values, b.user_hash)
@@ -868,8 +872,8 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
     """
     sources = expand_sources(paths)
     label = str(paths) if isinstance(paths, (str, Path)) else ", ".join(map(str, sources))
-    builder = StatsBuilder(buffer_rows=buffer_rows)
     threads = threads or worker_threads()
+    builder = StatsBuilder(buffer_rows=buffer_rows, presort=threads < 4)
     rows: list[int] = []
     inflight: deque[Future] = deque()
 
@@ -897,11 +901,14 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
             count(inflight.popleft())
     if builder.n_rows == 0:
         raise InputError(f"{label}: no rows (only a header)")
-    if builder.duplicate_ids():
-        e = _vote_id_error(sources, rows, str(sources[0]))
-        if e is not None:
-            raise e
-    return builder.result()
+    with ThreadPoolExecutor(1) as ex:           # the two final sorts side by side (numpy releases the GIL)
+        repeats = ex.submit(builder.duplicate_ids)
+        stats = builder.result()
+        if repeats.result():
+            e = _vote_id_error(sources, rows, str(sources[0]))
+            if e is not None:
+                raise e
+    return stats
 
 
 __all__ = ["StatsBuilder", "UserIndex", "add_batch", "expand_sources", "has_repeats", "hash_ids", "prepare_batch",
