@@ -6,7 +6,9 @@ Errors in the input print one line and exit with code 2; ``--debug`` shows the t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -65,11 +67,10 @@ def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: 
                    options: dict | None = None, dask: str | None = None):
     """Counts straight from the file(s) (streamed in chunks, or by a Dask cluster), then fit and write."""
     from heedful.config import load_priors
-    from heedful.inference import Attentiveness
-    from heedful.outputs import write_fit, write_inference_data
 
     priors = load_priors(config)
     t0 = time.perf_counter()
+    fitting = _import_in_background("heedful.inference")   # torch and the fit's modules load while votes are read
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"reading {votes_path}", total=None)
@@ -85,6 +86,10 @@ def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: 
         def progress(it: int, obj: float) -> None:
             bar.update(task, description=f"fitting ({method}): iteration {it}, objective {obj:,.3f}")
 
+        fitting.join()
+        from heedful.inference import Attentiveness
+        from heedful.outputs import write_fit, write_inference_data
+
         model = Attentiveness(method=method, priors=priors, device=device, dtype=dtype, progress=progress,
                               options=options).fit(votes)
         model.timings_ = {"read_and_count": t_read, **model.timings_}
@@ -94,6 +99,19 @@ def _fit_and_write(votes_path: Path, outdir: Path, config: Path | None, method: 
         write_fit(outdir, model.users_, model.params())
     _summary(model, outdir, time.perf_counter() - t0)
     return model
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in a daemon thread (about a second for torch, mostly spent outside the GIL
+    loading libraries); the caller joins it before use. An import that fails there fails again in the
+    caller's own import, with the usual message."""
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _summary(model, outdir: Path, elapsed: float) -> None:

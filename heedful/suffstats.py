@@ -18,12 +18,15 @@ Ties are counted per user and per pair and left out of the likelihood (their gol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from heedful.votes import validate_votes
+
+if TYPE_CHECKING:
+    import torch
 
 N_FIRST, N_GOLD = 3, 3
 KINDS_PER_PAIR = 2 * N_FIRST * N_GOLD
@@ -92,14 +95,17 @@ class VoteStats:
         """Non-tie votes per user, int64 [U]."""
         return np.bincount(self.cell_user, weights=self.cell_count, minlength=self.n_users).astype(np.int64)
 
+    def kind_votes(self) -> np.ndarray:
+        """Non-tie votes per kind, int64 [P x KINDS_PER_PAIR] (kinds of pair p are p * KINDS_PER_PAIR + ...)."""
+        return np.bincount(self.cell_kind, weights=self.cell_count, minlength=self.n_kinds).astype(np.int64)
+
     def pair_votes(self) -> np.ndarray:
         """Non-tie votes per pair, int64 [P]."""
-        return np.bincount(self.cell_pair, weights=self.cell_count, minlength=self.n_pairs).astype(np.int64)
+        return self.kind_votes().reshape(self.n_pairs, KINDS_PER_PAIR).sum(1)
 
     def pair_a_votes(self) -> np.ndarray:
         """Votes for the canonical model_a per pair, int64 [P]."""
-        pick_a = self.kinds()["pick_a"][self.cell_kind]
-        return np.bincount(self.cell_pair, weights=self.cell_count * pick_a, minlength=self.n_pairs).astype(np.int64)
+        return (self.kind_votes() * self.kinds()["pick_a"]).reshape(self.n_pairs, KINDS_PER_PAIR).sum(1)
 
     def pair_labels(self) -> list[str]:
         return [f"{a} vs {b}" for a, b in self.pairs]
@@ -139,6 +145,8 @@ class VoteStats:
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Cells and kinds as tensors on ``device``; counts in ``dtype`` (exact in float64 up to 2**53)."""
+        import torch  # here: reading and counting votes never needs torch (the CLI imports it meanwhile)
+
         kinds = self.kinds()
         return {
             "cell_user": torch.as_tensor(self.cell_user, device=device),

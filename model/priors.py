@@ -10,12 +10,11 @@ import ast
 import math
 from typing import TYPE_CHECKING
 
-import torch
-
 from heedful.errors import ConfigError
 
 if TYPE_CHECKING:
     import pyro.distributions as dist
+    import torch
 
 # name -> (its pyro.distributions class, number of arguments, support); Pyro is imported when one is built
 ALLOWED: dict[str, tuple[str, int, str]] = {
@@ -68,11 +67,13 @@ def parse_distribution(text: str) -> tuple[str, tuple[float, ...]]:
     return name, args
 
 
-def make_distribution(name: str, args: tuple[float, ...], dtype: torch.dtype = torch.float64) -> dist.Distribution:
+def make_distribution(name: str, args: tuple[float, ...], dtype: torch.dtype | None = None) -> dist.Distribution:
+    """The Pyro distribution (float64 unless ``dtype``); torch and Pyro are imported here, on first use."""
     import pyro.distributions
+    import torch
 
     ctor = getattr(pyro.distributions, ALLOWED[name][0])
-    return ctor(*(torch.tensor(v, dtype=dtype) for v in args), validate_args=True)
+    return ctor(*(torch.tensor(v, dtype=dtype or torch.float64) for v in args), validate_args=True)
 
 
 def support_of(name: str) -> str:
