@@ -11,7 +11,8 @@ On many users the climb starts from the maximum for a random sample of them inst
 (:func:`heedful.inference.globals.warm_sample`, found the same way, so large data descends through a
 few levels): there the sample's Hessian, scaled by N_votes / n_votes, stands in for the full one, and BFGS
 steps on the full data (a gradient each) carry it to where the exact Newton check passes. The maximum
-is the same (the same Newton stopping rule decides); only the path is cheaper.
+is the same (the same Newton stopping rule decides); only the path is cheaper. ``iterations`` counts
+the steps on all the data (L-BFGS iterations, BFGS and Newton steps), not the samples' own.
 """
 
 from __future__ import annotations
