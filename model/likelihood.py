@@ -29,6 +29,7 @@ from heedful.suffstats import VoteStats
 CASUAL = 0.5        # a casual user's probability of picking either answer when the order is unknown
 NODE_CAP = 256      # nodes for the heaviest users
 RHO_NODE_CAP = 48   # rho nodes per eta node when rho is per user (exact up to 95 votes with a known order)
+FEW_BUCKETS = 4     # up to this many vote-count buckets, each bucket's cells are found by a mask, not a sort
 
 
 @dataclass
@@ -137,11 +138,11 @@ def row_sums(incidence: torch.Tensor, table: torch.Tensor, incidence_t: torch.Te
     return incidence @ table
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dtype) -> torch.Tensor:
-    """CSR of a 0/1 matrix from (row, col) pairs sorted by row (ties in any order)."""
+def _csr(row_counts: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dtype) -> torch.Tensor:
+    """CSR of a 0/1 matrix from the entries' columns in row order and the number of entries per row."""
     index = np.int32 if len(cols) < 2**31 - 1 and max(shape) < 2**31 - 1 else np.int64   # int32: 1/3 faster
     crow = np.zeros(shape[0] + 1, dtype=index)
-    np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
+    np.cumsum(row_counts, out=crow[1:])
     cols = cols.astype(index, copy=False)
     return csr_tensor(torch.as_tensor(crow, device=device), torch.as_tensor(cols, device=device),
                       torch.ones(len(cols), dtype=dtype, device=device), shape)
@@ -191,25 +192,37 @@ class QuadraturePlan:
 def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:
     """Group users by vote count (powers of two) and deduplicate (kind, count) patterns per bucket.
 
-    Linear time apart from one radix sort: cells are ordered by bucket (stably, so by user inside a
-    bucket), patterns numbered through a dense (kind, count) table, and the incidence built as CSR.
+    Linear time apart from radix sorts: cells are grouped by bucket (by user inside a bucket), patterns
+    numbered through a dense (kind, count) table, and the incidence built as CSR, its transpose by a
+    stable radix sort of the entries by pattern.
     """
-    nu = stats.user_votes()
     cell_user, cell_kind, cell_count = stats.cell_user, stats.cell_kind, stats.cell_count
-    if len(cell_user) > 1 and (np.diff(cell_user) < 0).any():
+    step = np.diff(cell_user)
+    if (step < 0).any():
         by_user = np.argsort(cell_user, kind="stable")
         cell_user, cell_kind, cell_count = cell_user[by_user], cell_kind[by_user], cell_count[by_user]
+        step = np.diff(cell_user)
+    nu = np.zeros(stats.n_users, dtype=np.int64)       # votes per user: sums over each user's run of cells
+    if len(cell_user):
+        starts = np.concatenate([[0], np.flatnonzero(step) + 1])
+        nu[cell_user[starts]] = np.add.reduceat(cell_count, starts)
+    del step
     bucket_of_user = np.where(nu > 0, np.floor(np.log2(np.maximum(nu, 1))).astype(np.int64), -1)
     bucket_of_cell = bucket_of_user[cell_user]
     present = np.unique(bucket_of_user[bucket_of_user >= 0])
-    order = None if len(present) <= 1 else _small_sort(bucket_of_cell)
+    # a bucket's cells: a slice when there is one bucket, a mask per bucket when there are a few, else one
+    # radix sort by bucket (stable: by user inside a bucket)
+    order = None if len(present) <= FEW_BUCKETS else _small_sort(bucket_of_cell)
     sizes = np.bincount(bucket_of_cell, minlength=int(present.max()) + 1 if len(present) else 0)
     bounds = np.concatenate([[0], np.cumsum(sizes[present])])
     buckets = []
     local = np.full(stats.n_users, -1, dtype=np.int64)
     for j, s, e in zip(present, bounds[:-1], bounds[1:], strict=True):
         users = np.flatnonzero(bucket_of_user == j)
-        cells = slice(s, e) if order is None else order[s:e]
+        if order is not None:
+            cells = order[s:e]
+        else:
+            cells = slice(None) if len(present) == 1 else np.flatnonzero(bucket_of_cell == j)
         local[users] = np.arange(len(users))
         kind, count = cell_kind[cells], cell_count[cells]
         width = int(count.max()) + 1
@@ -222,8 +235,8 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
             users=torch.as_tensor(users, device=device),
             pattern_kind=torch.as_tensor(uniq // width, device=device),
             count=torch.as_tensor(uniq % width, device=device, dtype=dtype),
-            incidence=_csr(rows, inv, (len(users), q), device, dtype),
-            incidence_t=_csr(inv[by_col], rows[by_col], (q, len(users)), device, dtype),
+            incidence=_csr(np.bincount(rows, minlength=len(users)), inv, (len(users), q), device, dtype),
+            incidence_t=_csr(np.bincount(inv, minlength=q), rows[by_col], (q, len(users)), device, dtype),
         ))
     k = stats.kinds()
     kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
