@@ -150,3 +150,36 @@ def test_user_marginals_sum_to_total_without_gold():
     g = Globals(torch.tensor(1.3, dtype=F64), torch.tensor(0.6, dtype=F64), torch.tensor([0.9, 0.2, 0.55], dtype=F64),
                 None)
     assert float(user_log_marginal(plan, *g).sum()) == pytest.approx(float(log_marginal(plan, *g)), abs=1e-10)
+
+
+@pytest.mark.parametrize("vote_counts", ["lognormal", "geometric"])
+def test_plan_is_the_same_whichever_way_buckets_are_found(monkeypatch, vote_counts):
+    """A bucket's cells by a mask per bucket (few buckets) or by one radix sort (many): the same plan,
+    the same marginal; cells given out of order are sorted first."""
+    import heedful.model.likelihood as L
+    from heedful.simulate import default_pairs, simulate
+
+    stats = vote_stats(simulate(1500, 12, vote_counts=vote_counts, pairs=default_pairs(3, 0.8), gold_rate=0.05,
+                                seed=9).votes)
+    monkeypatch.setattr(L, "FEW_BUCKETS", 0)
+    by_sort = build_plan(stats, torch.device("cpu"), F64)
+    monkeypatch.setattr(L, "FEW_BUCKETS", 100)
+    perm = np.random.default_rng(1).permutation(len(stats.cell_user))
+    from dataclasses import replace
+    shuffled = replace(stats, cell_user=stats.cell_user[perm], cell_kind=stats.cell_kind[perm],
+                       cell_count=stats.cell_count[perm])
+    for other, exact in ((build_plan(stats, torch.device("cpu"), F64), True),
+                         (build_plan(shuffled, torch.device("cpu"), F64), False)):   # columns in another order
+        assert len(other.buckets) == len(by_sort.buckets) > 1
+        for x, y in zip(other.buckets, by_sort.buckets, strict=True):
+            assert x.n_nodes == y.n_nodes
+            assert torch.equal(x.users, y.users) and torch.equal(x.pattern_kind, y.pattern_kind)
+            for m in ("incidence", "incidence_t"):
+                X, Y = getattr(x, m), getattr(y, m)
+                assert torch.equal(X.to_dense(), Y.to_dense())
+                if exact:
+                    assert torch.equal(X.crow_indices(), Y.crow_indices())
+                    assert torch.equal(X.col_indices(), Y.col_indices())
+        mu = torch.tensor([0.7, 0.8, 0.9], dtype=F64)
+        a, b = torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64)
+        assert float(log_marginal(other, a, b, mu)) == pytest.approx(float(log_marginal(by_sort, a, b, mu)), rel=1e-13)
