@@ -48,7 +48,7 @@ from pyro.infer import MCMC, NUTS, infer_discrete
 
 from heedful.inference.globals import Globals, GlobalSpec, initial_mu
 from heedful.inference.posterior import UserPosterior
-from heedful.model.likelihood import Kinds, QuadraturePlan, build_plan, casual_prob, log_marginal
+from heedful.model.likelihood import Kinds, QuadraturePlan, build_plan, casual_prob, csr_tensor, log_marginal
 from heedful.suffstats import N_GOLD, VoteStats
 
 ETA_MEAN_PRIOR = (1.0, 1.0)              # Beta prior on m = a / (a + b)
@@ -121,6 +121,9 @@ class SignatureGrid:
     x: torch.Tensor          # [G] grid in logit(eta)
     log_trap: torch.Tensor   # [G] log trapezoid weights
     h: float
+    pattern_kind: torch.Tensor | None = None    # long [Q]: the distinct (kind, count) of the signatures' cells
+    pattern_count: torch.Tensor | None = None   # [Q]
+    incidence: torch.Tensor | None = None       # CSR [R, Q]: 1 where signature r has a cell with pattern q
 
     @property
     def n_sig(self) -> int:
@@ -186,7 +189,13 @@ def signature_grid(cells: UserCells, n_grid: int | None = None, seed: int = 1234
     step = 2 * X_EDGE / (G - 1)
     w = torch.full((G,), step, dtype=dt, device=dev)
     w[0] = w[-1] = step / 2
-    return SignatureGrid(t(inv.reshape(-1)), t(mult, dt), sc, x, torch.log(w), step)
+    width = int(count.max(initial=0)) + 1
+    pat, pinv = np.unique(kind[keep] * width + count[keep], return_inverse=True)
+    crow = np.concatenate([[0], np.cumsum(length)])
+    ones = torch.ones(len(keep), dtype=dt, device=dev)
+    incidence = csr_tensor(t(crow), t(pinv.reshape(-1)), ones, (len(rep), len(pat)))
+    return SignatureGrid(t(inv.reshape(-1)), t(mult, dt), sc, x, torch.log(w), step, t(pat // width),
+                         t(pat % width, dt), incidence)
 
 
 # -- the Pyro programs -------------------------------------------------------------------------------
@@ -383,17 +392,18 @@ def batched_bins(grid: SignatureGrid, a: torch.Tensor, b: torch.Tensor, mu: torc
     tails are as in :meth:`SignatureGrid.log_parts`. a, b: [n]; mu: [n, P]; rho: [n] or None.
     """
     x = grid.x
-    c = grid.sig_cells
-    k = c.kinds
-    mu_k = mu[:, k.pair[c.kind]]
-    m = torch.where(k.pick_a[c.kind], mu_k, 1.0 - mu_k)
-    gold = k.gold[c.kind]
+    pk, k = grid.pattern_kind, grid.sig_cells.kinds
+    mu_k = mu[:, k.pair[pk]]
+    m = torch.where(k.pick_a[pk], mu_k, 1.0 - mu_k)
+    gold = k.gold[pk]
     m = torch.where(gold == 1, torch.ones_like(m), torch.where(gold == 2, torch.zeros_like(m), m))
-    first = k.first[c.kind]
+    first = k.first[pk]
     half = torch.full_like(m, 0.5)
     cc = half if rho is None else torch.where(first == 1, rho[:, None], torch.where(first == 2, 1 - rho[:, None], half))
-    table = torch.xlogy(c.count[None, :, None], cc[..., None] + torch.sigmoid(x) * (m - cc)[..., None])  # [n, C, G]
-    ll = torch.zeros(mu.shape[0], grid.n_sig, x.shape[0], dtype=x.dtype).index_add(1, c.user, table)
+    # per (kind, count) pattern [n, Q, G], then summed per signature through the incidence: [n, R, G]
+    table = torch.xlogy(grid.pattern_count[None, :, None], cc[..., None] + torch.sigmoid(x) * (m - cc)[..., None])
+    n, Q, G = table.shape
+    ll = (grid.incidence @ table.transpose(0, 1).reshape(Q, n * G)).reshape(grid.n_sig, n, G).transpose(0, 1)
     a_, b_ = a[:, None], b[:, None]
     lw = grid.log_trap + a_ * torch.nn.functional.logsigmoid(x) + b_ * torch.nn.functional.logsigmoid(-x)
     t_lo, t_hi = -X_EDGE * a_ - torch.log(a_), -X_EDGE * b_ - torch.log(b_)
@@ -442,7 +452,7 @@ def conditional_eta(grid: SignatureGrid, draws: dict[str, torch.Tensor], spec: G
     eta_nodes = torch.cat([grid.x.new_zeros(1), torch.sigmoid(grid.x), grid.x.new_ones(1)])
     mean = torch.zeros(R, dtype=grid.x.dtype)
     row = grid.user_sig[users]
-    step = max(1, chunk_elements // max(R * (G + 2), grid.sig_cells.kind.shape[0] * G, users.shape[0]))
+    step = max(1, chunk_elements // max(R * (G + 2), users.shape[0]))
     for s in range(0, N, step):   # chunks of global draws
         sl = slice(s, min(s + step, N))
         n = sl.stop - sl.start

@@ -197,3 +197,22 @@ def test_cli_nuts_with_options(tmp_path):
     bad = CliRunner().invoke(app, ["fit", str(tmp_path / "votes.parquet"), "-o", str(tmp_path / "x"), "--method",
                                    "nuts", "--option", "oops"])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("casual", ["uniform", "position"])
+def test_batched_bins_by_patterns_equal_the_per_cell_sum(casual):
+    """The conditional's bins from the (kind, count) patterns through the signature incidence equal the
+    direct sum of every signature cell's log-likelihood (the same additions, so to the last bit here)."""
+    stats, spec, plan, cells = _setup(_rich_votes(3, 300), Priors(casual=casual))
+    grid = N.signature_grid(cells)
+    assert grid.pattern_kind.shape[0] < grid.sig_cells.kind.shape[0]
+    g = torch.Generator().manual_seed(1)
+    n = 3
+    a, b = 1.5 + torch.rand(n, generator=g, dtype=F64), 2.0 + torch.rand(n, generator=g, dtype=F64)
+    mu = 0.55 + 0.4 * torch.rand(n, stats.n_pairs, generator=g, dtype=F64)
+    rho = 0.3 + 0.4 * torch.rand(n, generator=g, dtype=F64) if spec.position else None
+    got = N.batched_bins(grid, a, b, mu, rho)
+    for i in range(n):
+        gi = N.Globals(a[i], b[i], mu[i], None if rho is None else rho[i])
+        want = torch.softmax(grid.log_bins(gi), dim=1)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-15)
