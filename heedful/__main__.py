@@ -1,5 +1,5 @@
 """``python -m heedful``: the command line, for environments without the ``heedful`` script."""
 
-from heedful.cli import main
+from heedful.cli import entry
 
-main()
+entry()

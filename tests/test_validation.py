@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from heedful.simulate import simulate
+
 GOOD = "user_id,model_a,model_b,choice\nu1,gpt-4,llama-13b,a\nu2,gpt-4,llama-13b,b\nu3,llama-13b,gpt-4,tie\n"
 HEAD = "user_id,model_a,model_b,choice\n"
 FIT = ("fit", "votes.csv", "-o", "out")
@@ -295,6 +297,23 @@ def test_console_script_one_line_and_debug(tmp_path):
     d = subprocess.run([*cmd, "--debug", *FIT], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert d.returncode == 1 and "Traceback" in d.stderr and "InputError" in d.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_console_entry_leaves_fast_with_every_output_written(tmp_path):
+    """``python -m heedful`` (the console script's entry): after a fit it skips the interpreter's teardown,
+    yet exits 0 with the whole summary on stdout and both files in place; errors still exit 2."""
+    sim = simulate(60, 6, seed=3).votes
+    sim.to_csv(tmp_path / "votes.csv", index=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "heedful", "fit", "votes.csv", "-o", "out"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.rstrip().endswith("params.json")               # the last line of the summary arrived
+    assert json.loads((tmp_path / "out" / "params.json").read_text())["n_users"] == 60
+    assert len(pd.read_parquet(tmp_path / "out" / "users.parquet")) == 60
+    bad = subprocess.run([*cmd[:4], "missing.csv", "-o", "out2"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("heedful: error:")
 
 
 @pytest.mark.parametrize("name,what,files,args,warning", ACCEPTED, ids=[a[0] for a in ACCEPTED])
