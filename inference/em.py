@@ -31,7 +31,9 @@ and one accepted theta step; iteration 1 solves for eta at the starting theta on
 Newton step in theta predicts a gain below ``tol * max(1, |F|)`` (that step is still taken, with an eta
 solve to Newton steps below 1e-11), or a full step gained less (then eta alone is solved to 1e-11, one
 more value in the trace). Per-user rho_u
-(``spec.rho_user``) is fitted by plain EM.
+(``spec.rho_user``) is fitted by plain EM. On many users (:func:`heedful.inference.globals.warm_sample`)
+profile Newton starts at the (mu, rho) it reaches on a random sample of them: the same fixed point in
+fewer passes over all the cells.
 """
 
 from __future__ import annotations
