@@ -6,8 +6,10 @@
    differences of mu and of every per-user column;
 3. the floor at 100M votes (pyarrow reads the folder and dictionary-encodes the id columns) and
    ``heedful --help`` (start-up);
-4. ``heedful fit FOLDER --device cuda`` at 100M votes, ``marginal`` then ``em``: wall time, the ratio
-   (wall - start-up) / floor, peak RSS, and the phases the fit records in params.json (``timings_s``).
+4. ``heedful fit FOLDER --device cuda`` at 100M votes, ``marginal`` then ``em``, then ``marginal`` with
+   ``--option warm=false`` (the climb without the user-sample warm start; ``--no-cold`` skips it): wall
+   time, the ratio (wall - start-up) / floor, peak RSS, and the phases the fit records in params.json
+   (``timings_s``).
 
 Prints one JSON line per figure and, with ``--out``, writes them to a file:
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["marginal", "em"])
     p.add_argument("--sizes", nargs="+", default=["100m"], choices=list(SIZES))
     p.add_argument("--device", default="cuda", help="the device compared with cpu (cpu here: a dry run)")
+    p.add_argument("--no-cold", action="store_true",
+                   help="skip the marginal fit with --option warm=false (the warm start's effect on this device)")
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
     global OUT
@@ -95,11 +99,16 @@ def main(argv: list[str] | None = None) -> None:
         folder = data_dir(args.data, size)
         floor = run([sys.executable, "-c", FLOOR, str(folder), "0"])
         emit({"name": f"floor: read + encode ids {size}", **floor}, rows)
-        for method in args.methods:
-            out = args.data / f"fit-{size}-{method}"
-            res = run([*heedful, "fit", str(folder), "-o", str(out), "--method", method, "--device", args.device])
+        runs = [(m, []) for m in args.methods]
+        if "marginal" in args.methods and not args.no_cold:
+            runs.append(("marginal", ["--option", "warm=false"]))
+        for method, extra in runs:
+            out = args.data / f"fit-{size}-{method}{'-cold' if extra else ''}"
+            res = run([*heedful, "fit", str(folder), "-o", str(out), "--method", method, "--device", args.device,
+                       *extra])
             params = json.loads((out / "params.json").read_text())
-            emit({"name": f"heedful fit --method {method} --device {args.device}", "size": size, **res,
+            emit({"name": f"heedful fit --method {method} --device {args.device} {' '.join(extra)}".rstrip(),
+                  "size": size, **res,
                   "ratio": (res["wall_s"] - startup) / floor["inner_s"], "floor_s": floor["inner_s"],
                   "rows": params["n_rows"], "users": params["n_users"], "iterations": params["iterations"],
                   "converged": params["converged"], "timings_s": params.get("timings_s"),

@@ -175,8 +175,9 @@ def fit(
     chains: Annotated[int | None, typer.Option(help="nuts: number of chains.")] = None,
     seed: Annotated[int | None, typer.Option(help="svi/nuts: random seed.")] = None,
     option: Annotated[list[str] | None, typer.Option(
-        "--option", help="a method option KEY=VALUE, repeatable (em: solver=newton|em; svi/nuts: e.g. form=full, "
-                         "per_vote=true, tie=false, guide=logit-normal; see docs/posterior.md).")] = None,
+        "--option", help="a method option KEY=VALUE, repeatable (marginal, em: warm=false; em: solver=newton|em; "
+                         "svi/nuts: e.g. form=full, per_vote=true, tie=false, guide=logit-normal; see "
+                         "docs/posterior.md).")] = None,
     dask: Annotated[str | None, typer.Option(
         "--dask", help="Count the votes on a Dask cluster: a scheduler ADDRESS, or 'local' for a local cluster "
                        "(needs the dask extra); the fit itself runs here.")] = None,

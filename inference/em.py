@@ -85,11 +85,12 @@ Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, int, bo
 
 def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict[str, torch.Tensor], *,
            tol: float = 1e-9, max_iter: int = 500, progress: ProgressFn | None = None,
-           trace: list[float] | None = None, solver: str = "auto") -> GlobalFit:
+           trace: list[float] | None = None, solver: str = "auto", warm: bool = True) -> GlobalFit:
     """The joint MAP to a relative objective change below ``tol``; ``trace`` collects every objective value.
 
     ``solver``: ``"newton"`` (profile Newton, see the module docstring; ``"auto"`` picks it unless rho is
-    per user) or ``"em"`` (plain EM). ``max_iter`` caps the iterations of either.
+    per user) or ``"em"`` (plain EM). ``max_iter`` caps the iterations of either. ``warm=False``: profile
+    Newton starts from ``initial_mu`` even on many users (see the module docstring).
     """
     if spec.strengths:
         raise InputError("--method em fits one mu per pair; for [generators] mu = \"strengths\" use --method marginal")
@@ -117,7 +118,7 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
             raise InputError(f"--method em needs a per-user rho prior with a, b >= 1; got Beta({ra:g}, {rb:g})")
         rho = torch.full((stats.n_users,), 0.5, dtype=dt, device=dev)
         rho_prior = (torch.tensor(ra, dtype=dt, device=dev), torch.tensor(rb, dtype=dt, device=dev))
-    if solver != "em" and not spec.rho_user and (sample := warm_sample(stats, spec)) is not None:
+    if warm and solver != "em" and not spec.rho_user and (sample := warm_sample(stats, spec)) is not None:
         mu, rho = _warm_start(sample, spec, a, b, mu, rho, tol, max_iter, dev, dt)
     if solver == "em" or spec.rho_user:
         eta, mu, rho, obj, it, converged = _plain_em(stats, plan, spec, cells, a, b, mu, rho, rho_prior,

@@ -59,7 +59,8 @@ class MethodResult:
 
 def _marginal(ctx: FitContext) -> MethodResult:
     """Exact-marginal fit; profile likelihoods for the mu's whose Hessian interval is missing (or all, if asked)."""
-    fit = fit_marginal(ctx.stats, ctx.plan, ctx.spec, tol=ctx.tol, max_iter=ctx.max_iter, progress=ctx.progress)
+    fit = fit_marginal(ctx.stats, ctx.plan, ctx.spec, tol=ctx.tol, max_iter=ctx.max_iter, progress=ctx.progress,
+                       warm=_flag(ctx.options.get("warm", True), "warm"))
     if not ctx.spec.strengths:
         sd = np.sqrt(np.diag(fit.cov)) if fit.cov is not None else None
         free = np.flatnonzero(ctx.spec.free_mu)
@@ -74,7 +75,15 @@ def _marginal(ctx: FitContext) -> MethodResult:
 
 def _em(ctx: FitContext) -> MethodResult:
     return MethodResult(fit_em(ctx.stats, ctx.plan, ctx.spec, ctx.cells, tol=ctx.tol, max_iter=ctx.max_iter,
-                               progress=ctx.progress, solver=str(ctx.options.get("solver", "auto"))))
+                               progress=ctx.progress, solver=str(ctx.options.get("solver", "auto")),
+                               warm=_flag(ctx.options.get("warm", True), "warm")))
+
+
+def _flag(value: object, name: str) -> bool:
+    """A yes/no method option (``--option warm=false``)."""
+    if isinstance(value, bool):
+        return value
+    raise InputError(f"--option {name} takes true or false, not {value!r}")
 
 
 # name -> fitting function, or "module:function" imported on first use (keeps start-up light)

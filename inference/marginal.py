@@ -52,8 +52,9 @@ def objective(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, theta: 
 def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, tol: float = 1e-9,
                  max_iter: int = 500, progress: ProgressFn | None = None,
                  start: tuple[float, float, np.ndarray, float | None] | None = None,
-                 curvature: bool = True) -> GlobalFit:
-    """Maximise the exact marginal posterior of the globals; ``curvature`` adds the Hessian's covariance."""
+                 curvature: bool = True, warm: bool = True) -> GlobalFit:
+    """Maximise the exact marginal posterior of the globals; ``curvature`` adds the Hessian's covariance;
+    ``warm=False`` climbs from the start on all the data even when a sample could start it."""
     dt, dev = plan.dtype, plan.device
     scale = 1.0 / max(stats.n_votes, 1)
     a0, b0, mu0, rho0 = start if start is not None else (*(spec.eta_fixed or (1.0, 1.0)),
@@ -93,9 +94,9 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         return torch.as_tensor(r.x, dtype=dt, device=dev), r
 
     if spec.n_free:
-        warm = _warm_start(stats, plan, spec, tol, max_iter) if start is None and curvature else None
-        if warm is not None:                  # BFGS from the sample's maximum, then the exact Newton check
-            theta = _quasi_newton(plan, RidgeCoordinates(spec), *warm, newton_step)
+        sample = _warm_start(stats, plan, spec, tol, max_iter) if warm and start is None and curvature else None
+        if sample is not None:                # BFGS from the sample's maximum, then the exact Newton check
+            theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, newton_step)
             theta, H, _, converged = _polish(plan, spec, theta, newton_step)
         if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
             theta, res = lbfgs(theta, tol)

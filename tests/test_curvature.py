@@ -162,3 +162,24 @@ def test_sample_users_keeps_each_sampled_users_cells_and_thins_pair_counts():
     assert 0.2 < sample.gold_n.sum() / stats.gold_n.sum() < 0.5
     again = stats.sample_users(1_000, seed=5)
     assert list(again.users) == list(sample.users)
+
+
+def test_the_warm_option_turns_the_warm_start_off(monkeypatch, tmp_path):
+    """``--option warm=false`` (Attentiveness options) takes the cold climb; a non-boolean value is an error."""
+    from heedful.errors import InputError
+    from heedful.inference import Attentiveness
+
+    stats, _ = _ridge_setup()
+    monkeypatch.setattr(G, "WARM_FACTOR", 4)
+    monkeypatch.setattr(G, "WARM_USERS", 1024)
+    calls = []
+    qn = M._quasi_newton
+    monkeypatch.setattr(M, "_quasi_newton", lambda *a, **k: calls.append(1) or qn(*a, **k))
+    warm = Attentiveness(options={"warm": True}).fit(stats)
+    assert calls
+    calls.clear()
+    cold = Attentiveness(options={"warm": False}).fit(stats)
+    assert not calls
+    assert warm.log_likelihood_ == pytest.approx(cold.log_likelihood_, abs=2e-6)
+    with pytest.raises(InputError, match="warm takes true or false"):
+        Attentiveness(options={"warm": "maybe"}).fit(stats)
