@@ -48,6 +48,8 @@ from heedful.votes import REQUIRED, read_table, validate_votes
 
 CHUNK_ROWS = 1 << 21          # rows per record batch
 BUFFER_ROWS = 1 << 24         # keys buffered before they are folded into cells (128 MiB of int64)
+PARALLEL_SORT_THREADS = 4     # from this many threads big sorts are split across them; below it the counting
+                              # thread has slack while the workers read, and sorts each batch's keys on arrival
 NEEDED = (*REQUIRED, "shown_first", "gold", "vote_id")
 _SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 _CHOICE = {"a": 0, "b": 1, "tie": 2}
@@ -616,8 +618,7 @@ class StatsBuilder:
     gold_n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     id_hashes: list[np.ndarray] = field(default_factory=list)
     n_rows: int = 0
-    presort: bool = False   # sort each batch's keys on arrival (a fold then merges sorted runs): with few cores
-                            # the counting thread has slack while the workers read; with many it is the bottleneck
+    presort: bool = False   # sort each batch's keys on arrival, so a fold merges sorted runs (PARALLEL_SORT_THREADS)
 
     @property
     def n_users(self) -> int:
@@ -676,14 +677,8 @@ class StatsBuilder:
             return
         keys, counts = [self.cell_key], [self.cell_count]
         plain = [k for k, w in self.pending if w is None]
-        if plain and self.presort:
-            k = plain[0] if len(plain) == 1 else np.sort(np.concatenate(plain), kind="stable")   # merges the runs
-            start = _group_starts(k)
-            k, c = k[start], np.diff(np.append(start, len(k))).astype(np.int64)
-            keys.append(k)
-            counts.append(c)
-        elif plain:
-            k, c = unique_counts(np.concatenate(plain))
+        if plain:
+            k, c = _counts_of_sorted(_merge_runs(plain)) if self.presort else unique_counts(np.concatenate(plain))
             keys.append(k)
             counts.append(c)
         weighted = [(k, w) for k, w in self.pending if w is not None]
@@ -759,10 +754,7 @@ class StatsBuilder:
     def duplicate_ids(self) -> bool:
         """Whether two vote ids share a hash (then :func:`_vote_id_error` confirms on the ids). The batches'
         hashes come sorted, so a stable sort (timsort) of their concatenation is a merge of sorted runs."""
-        if not self.id_hashes:
-            return False
-        s = np.sort(np.concatenate(self.id_hashes), kind="stable")
-        return bool((s[1:] == s[:-1]).any())
+        return bool(self.id_hashes) and _repeats_in_sorted(_merge_runs(self.id_hashes))
 
     def add_prepared(self, b: _Batch) -> None:
         """Count a batch made by :func:`prepare_batch`."""
@@ -776,7 +768,7 @@ def _sort_parallel(x: np.ndarray, threads: int | None = None, min_parallel: int 
 
     The split costs about what one thread gains, so it is used from 4 threads on."""
     threads = threads or worker_threads()
-    if threads < 4 or len(x) < min_parallel:
+    if threads < PARALLEL_SORT_THREADS or len(x) < min_parallel:
         return np.sort(x)
     top = int(x.max()).bit_length()
     shift = type(x[0])(max(top - 8, 0))
@@ -797,9 +789,23 @@ def _sort_parallel(x: np.ndarray, threads: int | None = None, min_parallel: int 
 def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> tuple[np.ndarray,
                                                                                                         np.ndarray]:
     """np.unique(keys, return_counts=True) for non-negative int64 keys, sorting in threads."""
-    s = _sort_parallel(keys, threads, min_parallel)
+    return _counts_of_sorted(_sort_parallel(keys, threads, min_parallel))
+
+
+def _counts_of_sorted(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a sorted array and how often each occurs."""
     start = _group_starts(s)
     return s[start], np.diff(np.append(start, len(s))).astype(np.int64)
+
+
+def _merge_runs(runs: list[np.ndarray]) -> np.ndarray:
+    """One sorted array from sorted runs: a stable sort (timsort) of their concatenation merges them in
+    linear passes (and still sorts correctly, only slower, should a run not be sorted)."""
+    return np.sort(np.concatenate(runs), kind="stable")
+
+
+def _repeats_in_sorted(s: np.ndarray) -> bool:
+    return bool((s[1:] == s[:-1]).any())
 
 
 def _group_starts(s: np.ndarray) -> np.ndarray:
@@ -809,8 +815,7 @@ def _group_starts(s: np.ndarray) -> np.ndarray:
 
 def has_repeats(h: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> bool:
     """Whether any value of ``h`` (uint64 hashes) repeats (sorted by value range in threads)."""
-    s = _sort_parallel(h, threads, min_parallel)
-    return bool((s[1:] == s[:-1]).any())
+    return _repeats_in_sorted(_sort_parallel(h, threads, min_parallel))
 
 
 def worker_threads() -> int:
@@ -873,7 +878,7 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
     sources = expand_sources(paths)
     label = str(paths) if isinstance(paths, (str, Path)) else ", ".join(map(str, sources))
     threads = threads or worker_threads()
-    builder = StatsBuilder(buffer_rows=buffer_rows, presort=threads < 4)
+    builder = StatsBuilder(buffer_rows=buffer_rows, presort=threads < PARALLEL_SORT_THREADS)
     rows: list[int] = []
     inflight: deque[Future] = deque()
 
