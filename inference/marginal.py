@@ -73,17 +73,14 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
             return 1e30, np.zeros_like(x)
         return float(loss.detach()), g.detach().cpu().numpy().astype(np.float64)
 
-    def callback(xk: np.ndarray) -> None:
-        nonlocal iterations
-        iterations += 1
-        if progress:
-            progress(iterations, -last["loss"] / scale)
-
-    def newton_step(f: float) -> None:
+    def stepped(f: float) -> None:           # an L-BFGS iteration, a BFGS or Newton step: f after it
         nonlocal iterations
         iterations += 1
         if progress:
             progress(iterations, f)
+
+    def callback(xk: np.ndarray) -> None:
+        stepped(-last["loss"] / scale)
 
     # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
     bounds = [(-30.0, 30.0)] * spec.n_free
@@ -96,17 +93,17 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     if spec.n_free:
         sample = _warm_start(stats, plan, spec, tol, max_iter) if warm and start is None and curvature else None
         if sample is not None:                # BFGS from the sample's maximum, then the exact Newton check
-            theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, newton_step)
-            theta, H, _, converged = _polish(plan, spec, theta, newton_step)
+            theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, stepped)
+            theta, H, _, converged = _polish(plan, spec, theta, stepped)
         if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
             theta, res = lbfgs(theta, tol)
             converged = bool(res.success) or res.status == 0
             if curvature:
-                theta, H, _, reached = _polish(plan, spec, theta, newton_step)
+                theta, H, _, reached = _polish(plan, spec, theta, stepped)
                 if not reached:               # not concave, or out of steps: L-BFGS to the top, Newton again
                     theta, res = lbfgs(theta, min(tol, STOP_GAIN * scale))
                     converged = bool(res.success) or res.status == 0
-                    theta, H, steps, reached = _polish(plan, spec, theta, newton_step)
+                    theta, H, steps, reached = _polish(plan, spec, theta, stepped)
                     if not reached and steps == NEWTON_STEPS:
                         warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may "
                                         "still be short of the maximum (a flat, curved ridge in the likelihood); "
@@ -192,8 +189,7 @@ def _value_grad(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: to
     """The objective and its gradient at x; (nan, nan) where x maps to no valid globals."""
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        g = spec.unpack(x)
-        if not all(bool(torch.isfinite(t).all()) for t in (g.a, g.b, g.mu)):
+        if not _valid(spec, x):
             return float("nan"), np.full(x.numel(), np.nan)
         f = objective(plan, spec, x)
         (grad,) = torch.autograd.grad(f, x)
@@ -251,9 +247,12 @@ def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.
 
 
 def _value(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor) -> float:
-    """The objective at x, or nan where x maps to no valid globals (a step in psi can leave the domain)."""
+    """The objective at x, or nan where x maps to no valid globals."""
     with torch.no_grad():
-        g = spec.unpack(x)
-        if not all(bool(torch.isfinite(t).all()) for t in (g.a, g.b, g.mu)):
-            return float("nan")
-        return float(objective(plan, spec, x))
+        return float(objective(plan, spec, x)) if _valid(spec, x) else float("nan")
+
+
+def _valid(spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor) -> bool:
+    """Whether x maps to finite globals a, b, mu (a step in psi can leave the domain)."""
+    g = spec.unpack(x.detach())
+    return all(bool(torch.isfinite(t).all()) for t in (g.a, g.b, g.mu))
