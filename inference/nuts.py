@@ -121,9 +121,9 @@ class SignatureGrid:
     x: torch.Tensor          # [G] grid in logit(eta)
     log_trap: torch.Tensor   # [G] log trapezoid weights
     h: float
-    pattern_kind: torch.Tensor | None = None    # long [Q]: the distinct (kind, count) of the signatures' cells
-    pattern_count: torch.Tensor | None = None   # [Q]
-    incidence: torch.Tensor | None = None       # CSR [R, Q]: 1 where signature r has a cell with pattern q
+    pattern_kind: torch.Tensor   # long [Q]: the distinct (kind, count) of the signatures' cells
+    pattern_count: torch.Tensor  # [Q]
+    incidence: torch.Tensor      # CSR [R, Q]: 1 where signature r has a cell with pattern q
 
     @property
     def n_sig(self) -> int:
