@@ -295,8 +295,12 @@ def entry() -> None:
     Every output is written, closed and renamed into place before ``main`` returns (a Dask cluster is
     closed too); the teardown would only free a fit's arrays, tensors and modules one by one, about
     0.6 s at 10M votes. Errors and interrupts leave through ``SystemExit`` as usual; an unflushable
-    stdout (a closed pipe) exits 120, as the teardown would.
+    stdout (a closed pipe) exits 120, as the teardown would. Large freed blocks stay in the heap for reuse
+    (:func:`heedful.memory.keep_freed_memory`; ``HEEDFUL_KEEP_MEMORY=0`` turns that off).
     """
+    from heedful.memory import keep_freed_memory
+
+    keep_freed_memory()
     main()
     try:
         sys.stdout.flush()
