@@ -2,8 +2,10 @@
 
 p(eta | y_u) is proportional to L_u(eta) Beta(eta; a, b). The mean is exact (Gauss-Jacobi, as in the
 marginal likelihood). Quantiles and P(eta > tau) come from the CDF on a grid in x = logit(eta),
-where the density L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b is smooth; the mass beyond |x| = 20 is
-added in closed form (there L_u is flat and the density is e^(a x) / B(a, b) to relative 1e-9). The CDF at
+where the density L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b is smooth; the mass beyond the grid's ends
+is added in closed form (the density continued as e^(a x) on the left, e^(-b x) on the right). The grid
+spans |x| <= 20 at most, and for each bucket of users only the part outside which a bound on the
+likelihood ratio leaves less than 1e-12 of any user's mass (``_grid_span``). The CDF at
 the grid points is Euler-Maclaurin to O(h^6) and, inside a cell, the integral of a quintic through the density,
 its slope and its third derivative at the cell's ends (differences on 7 grid points): within about 1e-6 of exact
 on a grid of 200 points or more (see ``_grid_size``).
@@ -41,6 +43,8 @@ GPU_ELEMENTS, GPU_BLOCK_ROWS = 1 << 25, 1 << 20   # on a GPU: fewer, larger kern
 # the mode is the grid maximum, so that grid stays finer: RHO_GRID_PER_ROOT sqrt(n + 1), at least RHO_GRID_MIN
 GRID_PER_ROOT, GRID_PER_PRIOR_SD, GRID_MIN, GRID_MAX = 50.0, 160.0, 200, 4000
 RHO_GRID_PER_ROOT, RHO_GRID_MIN = 100.0, 400
+TAIL_EPS = 1e-12           # the grid leaves out only points beyond which every user's posterior mass is below this
+MIN_SPAN = 32              # grid cells kept at least
 PAD = 8                    # cells of the continued density beyond each end of the grid
 NEWTON_STEPS = 2           # Newton steps on the quintic inside the cell, from the linear-density quantile
 STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
@@ -66,6 +70,56 @@ def _grid_size(n_max: int, a: float, b: float, per_user_rho: bool = False) -> in
     prior_sd = math.sqrt(special.polygamma(1, a) + special.polygamma(1, b))   # of logit(eta) under Beta(a, b)
     return int(np.clip(max(GRID_PER_ROOT * math.sqrt(n_max + 1.0), GRID_PER_PRIOR_SD / prior_sd), GRID_MIN,
                        GRID_MAX))
+
+
+def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
+               h: float, M: int, tau: float | None) -> tuple[int, int]:
+    """First and last index of the M-point grid on [-X_EDGE, X_EDGE] outside which every user of the bucket has
+    posterior mass below TAIL_EPS (relative), and whose inside holds every interior mode.
+
+    Each vote's factor f(eta) = c + eta (m - c) is linear, so for eta' in [0, 1/2] f(eta) / f(eta') <=
+    max(c, m) / min(c, (c + m) / 2), and likewise on [1/2, 1] with min(m, (c + m) / 2). With R_u the sum of
+    the logs of these ratios over the user's votes and F = the prior mass of that half, Z_u >= F e^(-R_u)
+    max L_u, while the prior mass below x is at most 2 e^(a x) / (a B(a, b)) (above x: 2 e^(-b x) / (b B));
+    so the ends x_lo = (log(TAIL_EPS F a B / 2) - R) / a and x_hi = -(log(TAIL_EPS F b B / 2) - R) / b leave
+    less than TAIL_EPS Z_u beyond them (R: the bucket's largest R_u, the better half's bound). The tails are
+    still added in closed form as before; only grid points that carry no mass are dropped. With a, b >= 1
+    the density in eta is log-concave, so its mode lies inside the kept span when the slope of the log
+    density is positive two cells inside the left end and negative two cells inside the right end for
+    every user; an end whose check fails (or with a or b below 1) stays at -X_EDGE or X_EDGE.
+    """
+    if TAIL_EPS <= 0:
+        return 0, M - 1
+    m = plan.kinds.attentive_prob(mu)[bk.pattern_kind]
+    c = casual_prob(plan.kinds.first[bk.pattern_kind], rho).to(m.dtype)
+    cnt = bk.count.to(m.dtype)
+    top = torch.log(torch.maximum(c, m))
+    ratios = torch.stack([cnt * (top - torch.log(torch.minimum(c, 0.5 * (c + m)))),    # log 0: an infinite
+                          cnt * (top - torch.log(torch.minimum(m, 0.5 * (c + m))))], 1)   # bound, never used
+    r_lo, r_hi = (float(v) for v in (bk.incidence @ ratios.to(bk.incidence.dtype)).max(0).values)
+    f_lo = float(special.betainc(a, b, 0.5))
+    log_z = max(math.log(max(f_lo, 1e-300)) - r_lo, math.log(max(1.0 - f_lo, 1e-300)) - r_hi)   # log(F e^-R)
+    log_beta = float(special.betaln(a, b))
+    x_lo = min((math.log(TAIL_EPS / 2) + log_z + math.log(a) + log_beta) / a, -1.0) if a >= 1 else -X_EDGE
+    x_hi = max(-(math.log(TAIL_EPS / 2) + log_z + math.log(b) + log_beta) / b, 1.0) if b >= 1 else X_EDGE
+    if tau is not None:                                      # P(eta > tau) is read inside the grid
+        xt = math.log(tau / (1 - tau))
+        x_lo, x_hi = min(x_lo, xt - 2 * h), max(x_hi, xt + 2 * h)
+    i0 = max(0, math.floor((x_lo + X_EDGE) / h))
+    i1 = min(M - 1, math.ceil((x_hi + X_EDGE) / h))
+    if i1 - i0 < MIN_SPAN:
+        return 0, M - 1
+
+    def slopes(j: int) -> torch.Tensor:                      # d/d eta of the log density at grid point j, per user
+        e = float(special.expit(-X_EDGE + j * h))
+        score = bk.incidence @ (cnt * (m - c) / (c + e * (m - c))).to(bk.incidence.dtype)
+        return score + (a - 1) / e - (b - 1) / (1 - e)
+
+    if i0 > 0 and not bool((slopes(i0 + 2) > 0).all()):
+        i0 = 0
+    if i1 < M - 1 and not bool((slopes(i1 - 2) < 0).all()):
+        i1 = M - 1
+    return i0, i1
 
 
 def _table(plan: QuadraturePlan, bk: Bucket, eta: torch.Tensor, mu: torch.Tensor,
@@ -217,6 +271,9 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
         M = _grid_size(2 * bk.n_nodes, pa, pb, rp is not None)
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = 2 * X_EDGE / (M - 1)
+        if rp is None:                                           # only the part of the grid that holds mass
+            i0, i1 = _grid_span(plan, bk, pa, pb, mu, rho_t, h, M, tau)
+            x, M = x[i0:i1 + 1], i1 - i0 + 1
         log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
         prior_eta = (pa - 1) * log_eta + (pb - 1) * log_1m      # log density in eta, up to a constant
         jacobian = log_eta + log_1m                              # log d eta / d x

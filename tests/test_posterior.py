@@ -191,3 +191,25 @@ def test_modes_do_not_depend_on_when_the_slow_users_are_compacted(monkeypatch, a
     assert np.isfinite(never).all() and len(np.unique(never)) > 50
     np.testing.assert_allclose(default, never, rtol=0, atol=1e-12)
     np.testing.assert_allclose(always, never, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("a, b, rho, gold", [(3.0, 5.0, None, False), (15.0, 20.0, 0.7, True), (4.0, 1.5, 0.9, True)])
+def test_the_grid_keeps_only_the_span_that_holds_mass(monkeypatch, a, b, rho, gold):
+    """Dropping the grid's points beyond the likelihood-ratio bound (TAIL_EPS) changes no summary beyond rounding,
+    with gold labels (factors that vanish at an end) and a position bias; and it does drop points."""
+    df = _spread_votes([1, 2, 4, 9, 20, 45] * 30, seed=11)
+    if gold:
+        rng = np.random.default_rng(2)
+        df["gold"] = np.where(rng.random(len(df)) < 0.2, rng.choice(["a", "b"], len(df)), None)
+    st = vote_stats(df)
+    plan = build_plan(st, torch.device("cpu"), F64)
+    args = (plan, st.tensors(torch.device("cpu"), F64), a, b, torch.tensor([0.8, 0.65], dtype=F64), rho)
+    spans = []
+    real_span = posterior._grid_span
+    monkeypatch.setattr(posterior, "_grid_span", lambda *x: spans.append((real_span(*x), x[7])) or spans[-1][0])
+    narrow = user_posterior(*args, tau=0.55)
+    assert any(i1 - i0 + 1 < m for (i0, i1), m in spans), spans
+    monkeypatch.setattr(posterior, "TAIL_EPS", 0.0)          # the whole grid on [-X_EDGE, X_EDGE]
+    whole = user_posterior(*args, tau=0.55)
+    for f in ("mean", "sd", "lo", "hi", "prob_above", "mode"):
+        np.testing.assert_allclose(getattr(narrow, f), getattr(whole, f), rtol=0, atol=1e-10, err_msg=f)
