@@ -72,6 +72,13 @@ def _grid_size(n_max: int, a: float, b: float, per_user_rho: bool = False) -> in
                        GRID_MAX))
 
 
+def _pattern_probs(plan: QuadraturePlan, bk: Bucket, mu: torch.Tensor, rho: torch.Tensor | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m_q, c_q) per pattern of the bucket: P(its pick | attentive), P(its pick | casual), [Q] each."""
+    return (plan.kinds.attentive_prob(mu)[bk.pattern_kind],
+            casual_prob(plan.kinds.first[bk.pattern_kind], rho).to(dtype))
+
+
 def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
                h: float, M: int, tau: float | None) -> tuple[int, int]:
     """First and last index of the M-point grid on [-X_EDGE, X_EDGE] outside which every user of the bucket has
@@ -90,8 +97,7 @@ def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.T
     """
     if TAIL_EPS <= 0:
         return 0, M - 1
-    m = plan.kinds.attentive_prob(mu)[bk.pattern_kind]
-    c = casual_prob(plan.kinds.first[bk.pattern_kind], rho).to(m.dtype)
+    m, c = _pattern_probs(plan, bk, mu, rho, mu.dtype)
     cnt = bk.count.to(m.dtype)
     top = torch.log(torch.maximum(c, m))
     ratios = torch.stack([cnt * (top - torch.log(torch.minimum(c, 0.5 * (c + m)))),    # log 0: an infinite
@@ -371,8 +377,7 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
     active = (j > 0) & (j < M - 1)
     if not bool(active.any()):
         return
-    m = plan.kinds.attentive_prob(mu)[bk.pattern_kind]
-    c_q = casual_prob(plan.kinds.first[bk.pattern_kind], rho).to(dt)
+    m, c_q = _pattern_probs(plan, bk, mu, rho, dt)
     d_q, cnt_q = m - c_q, bk.count.to(dt)
     n_rows = j.shape[0]
     cr = bk.incidence.crow_indices()[first:first + n_rows + 1].long()
