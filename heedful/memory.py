@@ -3,7 +3,7 @@
 A fit makes many short-lived arrays of tens of MB (the [users, nodes] tables of every likelihood
 evaluation, the posterior grid's chunks). glibc serves each one above its mmap threshold with a fresh
 mapping and returns it on free, so every such array pays a page fault per 4 KiB page when first
-written: 56 MB took 25-29 ms to allocate and fill on the 2-core development machine, against 3-4 ms
+written: 56 MB took 26-32 ms to allocate and fill on the 2-core development machine, against 3.4-5.5 ms
 once freed memory stays in the heap (``benchmarks/fit_speed.py`` shows the effect end to end in
 docs/performance.md). :func:`keep_freed_memory` raises the mmap and trim thresholds through
 ``mallopt``, so freed blocks are reused; the price is a higher peak RSS (memory freed late in a fit

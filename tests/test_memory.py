@@ -1,5 +1,6 @@
 """The console script keeps large freed blocks in the heap (glibc's mallopt), and can be told not to."""
 
+import os
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ print(libc.mallinfo2().arena >= 64 << 20)     # the freed block stays in the hea
 @pytest.mark.parametrize("opt_out, expected", [("1", ["True", "False", "True"]), ("0", ["False", "True", "False"])])
 def test_freed_blocks_stay_in_the_heap_unless_turned_off(opt_out, expected):
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
-                         env={"HEEDFUL_KEEP_MEMORY": opt_out, "PATH": ""}).stdout.split()
+                         env={**os.environ, "HEEDFUL_KEEP_MEMORY": opt_out}).stdout.split()
     assert out == expected
 
 
