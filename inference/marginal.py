@@ -133,7 +133,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
                      rho_prior=None if g.rho_prior is None else (float(g.rho_prior[0]), float(g.rho_prior[1])),
                      theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=int(iterations), converged=converged,
-                     warnings=warnings, spec=spec)
+                     warnings=warnings, spec=spec, hessian=H if H.size else None)
 
 
 def _warm_start(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, tol: float,
@@ -145,14 +145,15 @@ def _warm_start(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, tol: f
         return None
     sample_plan = build_plan(sample, plan.device, plan.dtype)
     fit = fit_marginal(sample, sample_plan, spec, tol=tol, max_iter=max_iter)   # itself warm-started if large
-    if not fit.converged:
+    if not fit.converged or fit.hessian is None:
         return None
     coords = RidgeCoordinates(spec)
     psi = torch.as_tensor(coords.from_theta(fit.theta), dtype=plan.dtype, device=plan.device)
     if not bool(torch.isfinite(psi).all()):
         return None
-    _, _, hess = marginal_derivatives(sample_plan, coords, psi)
-    A = -hess * (stats.n_votes / max(sample.n_votes, 1))
+    # the sample fit's Hessian carried into psi (a gradient there, not a second Hessian)
+    _, grad = _value_grad(sample_plan, coords, psi)
+    A = -coords.psi_hessian(psi, grad, -fit.hessian) * (stats.n_votes / max(sample.n_votes, 1))
     return (psi, A) if positive_definite(np.linalg.eigvalsh(A)) else None
 
 

@@ -33,6 +33,7 @@ class GlobalFit:
     spec: GlobalSpec | None = None      # which parameters theta holds
     rho_prior: tuple[float, float] | None = None   # Beta(a_r, b_r) of per-user rho_u
     profiles: dict[int, dict] = field(default_factory=dict)   # pair index -> profile likelihood of its mu
+    hessian: np.ndarray | None = None   # Hessian of -objective in theta at the fit, where the fit computed it
 
 
 def hessian_fd(grad_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, step: float = 1e-5,

@@ -65,7 +65,7 @@ class RidgeCoordinates:
         """
         psi = psi.detach()
         K = psi.numel()
-        J = self._jacobian(psi)
+        J = self.jacobian(psi)
         Jinv = np.linalg.inv(J)
         g = Jinv.T @ grad_psi
         gt = torch.as_tensor(g, dtype=psi.dtype, device=psi.device)
@@ -73,7 +73,18 @@ class RidgeCoordinates:
         H = Jinv.T @ (hess_psi - second.cpu().numpy().reshape(K, K)) @ Jinv
         return 0.5 * (H + H.T)
 
-    def _jacobian(self, psi: torch.Tensor) -> np.ndarray:
+    def psi_hessian(self, psi: torch.Tensor, grad_psi: np.ndarray, hess_theta: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`theta_hessian`: hess_psi = J' H J + sum_k g_k d2 theta_k / d psi2."""
+        psi = psi.detach()
+        J = self.jacobian(psi)
+        g = np.linalg.solve(J.T, grad_psi)
+        gt = torch.as_tensor(g, dtype=psi.dtype, device=psi.device)
+        _, _, second = value_grad_hessian(lambda p: (gt * self.to_theta(p)).sum(), psi)
+        H = J.T @ hess_theta @ J + second.cpu().numpy().reshape(J.shape)
+        return 0.5 * (H + H.T)
+
+    def jacobian(self, psi: torch.Tensor) -> np.ndarray:
+        """J = d theta / d psi at psi, [K, K] float64."""
         x = psi.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             return jacobian_rows(self.to_theta(x), x).cpu().numpy().astype(np.float64)
