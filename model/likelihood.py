@@ -17,8 +17,10 @@ Gold labels add sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)] (t obs
 
 from __future__ import annotations
 
+import threading
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ CASUAL = 0.5        # a casual user's probability of picking either answer when 
 NODE_CAP = 256      # nodes for the heaviest users
 RHO_NODE_CAP = 48   # rho nodes per eta node when rho is per user (exact up to 95 votes with a known order)
 FEW_BUCKETS = 4     # up to this many vote-count buckets, each bucket's cells are found by a mask, not a sort
+BACKGROUND_CELLS = 1 << 20   # from this many cells a bucket's transpose is built in a background thread
 
 
 @dataclass
@@ -68,7 +71,9 @@ class Bucket:
 
     The incidence is a CSR matrix (rows: the bucket's users, in global order; columns: patterns; a 1
     where the user has a cell with that pattern); ``incidence_t`` is its transpose, also CSR, for the
-    backward pass: d/d table of sum(G * (incidence @ table)) = incidence^T @ G.
+    backward pass: d/d table of sum(G * (incidence @ table)) = incidence^T @ G. Only gradients and the
+    curvature need the transpose, so a large bucket's is built in a background thread (numpy's sort and
+    gather release the GIL) while the fit starts, and waited for on first use.
     """
 
     n_nodes: int
@@ -76,7 +81,14 @@ class Bucket:
     pattern_kind: torch.Tensor  # long [Q]
     count: torch.Tensor         # [Q]
     incidence: torch.Tensor     # sparse CSR [Ub, Q]
-    incidence_t: torch.Tensor   # sparse CSR [Q, Ub]
+    transpose: torch.Tensor | Future = field(repr=False)   # sparse CSR [Q, Ub], or its build in progress
+
+    @property
+    def incidence_t(self) -> torch.Tensor:
+        """The incidence's transpose, CSR [Q, Ub] (waits for its build on first use)."""
+        if isinstance(self.transpose, Future):
+            self.transpose = self.transpose.result()
+        return self.transpose
 
     def row_chunks(self, max_rows: int) -> list[tuple[int, torch.Tensor]]:
         """Row ranges of the incidence as (first row, CSR [rows, Q]) pieces of at most max_rows rows."""
@@ -229,15 +241,17 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
         uniq, inv = _unique_inverse(kind * width + count)
         rows = local[cell_user[cells]]
         q = len(uniq)
-        by_col = _small_sort(inv) if q < 1 << 15 else np.argsort(inv, kind="stable")
+        incidence = _csr(np.bincount(rows, minlength=len(users)), inv, (len(users), q), device, dtype)
+        args = (rows, inv, q, len(users), device, dtype)
         buckets.append(Bucket(
             n_nodes=nodes_for(int(nu[users].max()), cap),
             users=torch.as_tensor(users, device=device),
             pattern_kind=torch.as_tensor(uniq // width, device=device),
             count=torch.as_tensor(uniq % width, device=device, dtype=dtype),
-            incidence=_csr(np.bincount(rows, minlength=len(users)), inv, (len(users), q), device, dtype),
-            incidence_t=_csr(np.bincount(inv, minlength=q), rows[by_col], (q, len(users)), device, dtype),
+            incidence=incidence,
+            transpose=_background(_transpose, *args) if len(rows) >= BACKGROUND_CELLS else _transpose(*args),
         ))
+        del rows, inv
     k = stats.kinds()
     kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
                   pick_a=torch.as_tensor(k["pick_a"].astype(bool), device=device),
@@ -246,6 +260,26 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
     return QuadraturePlan(stats.n_users, stats.n_pairs, kinds, buckets,
                           torch.as_tensor(stats.gold_a, device=device, dtype=dtype),
                           torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
+
+
+def _transpose(rows: np.ndarray, cols: np.ndarray, q: int, n_rows: int, device, dtype) -> torch.Tensor:
+    """CSR [q, n_rows] of the 0/1 matrix with entries (rows, cols), rows ascending: a stable radix sort by column."""
+    by_col = _small_sort(cols) if q < 1 << 15 else np.argsort(cols, kind="stable")
+    return _csr(np.bincount(cols, minlength=q), rows[by_col], (q, n_rows), device, dtype)
+
+
+def _background(fn, *args) -> Future:
+    """fn(*args) in a daemon thread of its own (exit never waits for it); its result or error in the Future."""
+    done: Future = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised by done.result() in the caller
+            done.set_exception(e)
+
+    threading.Thread(target=run, name="heedful-plan", daemon=True).start()
+    return done
 
 
 RhoPrior = tuple[torch.Tensor, torch.Tensor] | None   # Beta(a_r, b_r) of a per-user rho_u, or None

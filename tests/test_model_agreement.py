@@ -152,6 +152,39 @@ def test_user_marginals_sum_to_total_without_gold():
     assert float(user_log_marginal(plan, *g).sum()) == pytest.approx(float(log_marginal(plan, *g)), abs=1e-10)
 
 
+def test_transpose_built_in_the_background_is_the_same(monkeypatch):
+    """A large bucket's incidence transpose comes from a background thread: the same CSR as built inline,
+    the same marginal and gradient through it; an error in the build is raised where the transpose is used."""
+    from concurrent.futures import Future
+
+    import heedful.model.likelihood as L
+    from heedful.simulate import default_pairs, simulate
+
+    stats = vote_stats(simulate(800, 9, pairs=default_pairs(3, 0.8), seed=4).votes)
+    inline = build_plan(stats, torch.device("cpu"), F64)
+    monkeypatch.setattr(L, "BACKGROUND_CELLS", 0)
+    deferred = build_plan(stats, torch.device("cpu"), F64)
+    assert all(isinstance(bk.transpose, Future) for bk in deferred.buckets)
+    grads = []
+    for plan in (inline, deferred):
+        mu = torch.tensor([0.7, 0.8, 0.9], dtype=F64, requires_grad=True)
+        log_marginal(plan, torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64), mu).backward()
+        grads.append(mu.grad)
+    assert torch.equal(grads[0], grads[1])
+    for x, y in zip(inline.buckets, deferred.buckets, strict=True):
+        assert torch.equal(x.incidence_t.crow_indices(), y.incidence_t.crow_indices())
+        assert torch.equal(x.incidence_t.col_indices(), y.incidence_t.col_indices())
+        assert isinstance(y.transpose, torch.Tensor)          # resolved once, kept
+
+    def broken(*args):
+        raise MemoryError("no room for the transpose")
+
+    monkeypatch.setattr(L, "_transpose", broken)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    with pytest.raises(MemoryError, match="no room"):
+        _ = plan.buckets[0].incidence_t
+
+
 @pytest.mark.parametrize("vote_counts", ["lognormal", "geometric"])
 def test_plan_is_the_same_whichever_way_buckets_are_found(monkeypatch, vote_counts):
     """A bucket's cells by a mask per bucket (few buckets) or by one radix sort (many): the same plan,
