@@ -139,14 +139,20 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         rho_f = None if rho is None else float(rho)
     theta = mu_spec.pack(a, b, mu.cpu().numpy(), rho_f, dt, dev)
 
-    H = -marginal_derivatives(plan, mu_spec, theta)[2] if theta.numel() else np.zeros((0, 0))
+    if theta.numel():   # f = log p(votes, gold | globals) + log-priors: the log-likelihood without a second pass
+        f, _, hess = marginal_derivatives(plan, mu_spec, theta)
+        H = -hess
+        with torch.no_grad():
+            ll = f - float(mu_spec.log_prior(theta, mu_spec.unpack(theta)))
+    else:
+        H = np.zeros((0, 0))
+        with torch.no_grad():
+            ll = float(log_marginal(plan, *mu_spec.unpack(theta)[:2], mu, None if spec.rho_user else rho,
+                                    rho_prior))
     cov, w = covariance(H, mu_spec.theta_names(stats.pair_labels()))
     if w:
         warnings.append("no intervals for mu: EM's joint MAP lies where the marginal likelihood is not concave "
                         "(EM overstates mu when users have few votes); --method marginal gives intervals")
-    with torch.no_grad():
-        ll = float(log_marginal(plan, *mu_spec.unpack(theta)[:2], mu, None if spec.rho_user else rho,
-                                rho_prior))
     return GlobalFit(a=float(a), b=float(b), mu=mu.cpu().numpy(), rho=rho_f, theta=theta.cpu().numpy(), cov=cov,
                      objective=obj, log_likelihood=ll, iterations=it, converged=converged, warnings=warnings,
                      eta_map=eta.cpu().numpy(), spec=mu_spec,

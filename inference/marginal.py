@@ -122,8 +122,8 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     with torch.no_grad():
         g = spec.unpack(theta)
         a, b, mu = g.a, g.b, g.mu
-        obj = float(objective(plan, spec, theta))
-        ll = float(log_marginal(plan, *g))
+        ll = float(log_marginal(plan, *g))             # objective = log_marginal + log-priors: one pass, not two
+        obj = ll + float(spec.log_prior(theta, g))
     cov, w = covariance(H, spec.theta_names(stats.pair_labels()))
     warnings += w
     if float(a) < 0.05 or float(b) < 0.05 or float(a + b) > 1e4:

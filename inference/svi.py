@@ -186,7 +186,6 @@ def fit_svi(ctx) -> object:
     from heedful.inference.estimator import MethodResult
     from heedful.inference.marginal import objective
     from heedful.inference.result import GlobalFit, covariance
-    from heedful.model.likelihood import log_marginal
 
     opt = ctx.options
     stats, spec, plan = ctx.stats, ctx.spec, ctx.plan
@@ -309,14 +308,16 @@ def fit_svi(ctx) -> object:
     mu_m = gd["mu"].reshape(-1, spec.n_pairs).mean(0)
     rho_m = float(gd["rho"].mean()) if "rho" in gd else None
     theta = spec.pack(a_m, b_m, mu_m.numpy(), rho_m, dt, dev)
-    if spec.n_free:
-        cov, w = covariance(-marginal_derivatives(plan, spec, theta)[2], spec.theta_names(stats.pair_labels()))
+    if spec.n_free:     # f = the objective, log p(votes, gold | globals) + log-priors
+        obj, _, hess = marginal_derivatives(plan, spec, theta)
+        cov, w = covariance(-hess, spec.theta_names(stats.pair_labels()))
         fit_warnings += w
     else:
         cov = np.zeros((0, 0))
+        with torch.no_grad():
+            obj = float(objective(plan, spec, theta))
     with torch.no_grad():
-        obj = float(objective(plan, spec, theta))
-        ll = float(log_marginal(plan, *spec.unpack(theta)))
+        ll = obj - float(spec.log_prior(theta, spec.unpack(theta)))
 
     # -- per-user summaries and draws from q ---------------------------------------------------------
     stored = _stored_users(U, n_draws, int(opt.get("max_stored_values", MAX_STORED_VALUES)), seed)
