@@ -18,6 +18,7 @@ Ties are counted per user and per pair and left out of the likelihood (their gol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,8 +97,16 @@ class VoteStats:
         return np.bincount(self.cell_user, weights=self.cell_count, minlength=self.n_users).astype(np.int64)
 
     def kind_votes(self) -> np.ndarray:
-        """Non-tie votes per kind, int64 [P x KINDS_PER_PAIR] (kinds of pair p are p * KINDS_PER_PAIR + ...)."""
-        return np.bincount(self.cell_kind, weights=self.cell_count, minlength=self.n_kinds).astype(np.int64)
+        """Non-tie votes per kind, int64 [P x KINDS_PER_PAIR] (kinds of pair p are p * KINDS_PER_PAIR + ...);
+        read-only, counted once (a pass over the cells: ~0.08 s at 10M votes, asked for by the start, the
+        warm-start sample and the summaries)."""
+        return self._kind_votes
+
+    @cached_property
+    def _kind_votes(self) -> np.ndarray:
+        out = np.bincount(self.cell_kind, weights=self.cell_count, minlength=self.n_kinds).astype(np.int64)
+        out.flags.writeable = False
+        return out
 
     def pair_votes(self) -> np.ndarray:
         """Non-tie votes per pair, int64 [P]."""

@@ -261,3 +261,22 @@ def test_an_id_hashes_the_same_in_every_batch():
     for i in range(len(ids)):       # alone, at the start or end of a slice, and as large_string
         assert hash_ids(col.slice(i, 1))[0] == h[i]
         assert hash_ids(pa.array(ids[i:] + ["z" * 50], type=pa.large_string()))[0] == h[i]
+
+
+def test_per_pair_counts_are_the_votes_counted_once_and_read_only():
+    """pair_votes / pair_a_votes equal a groupby of the raw votes; the per-kind counts behind them are
+    counted once per VoteStats and cannot be changed through the returned array."""
+    votes = simulate(400, 6, pairs=default_pairs(3, 0.8), tie_rate=0.1, seed=3).votes
+    stats = vote_stats(votes)
+    lo = np.minimum(votes.model_a, votes.model_b)
+    hi = np.maximum(votes.model_a, votes.model_b)
+    picked = np.where(votes.choice == "a", votes.model_a, votes.model_b)
+    frame = pd.DataFrame({"lo": lo, "hi": hi, "a": picked == lo})[votes.choice != "tie"]
+    groups = frame.groupby(["lo", "hi"])
+    expect = {pair: (len(g), int(g.a.sum())) for pair, g in groups}
+    got = {pair: (int(n), int(na)) for pair, n, na in zip(stats.pairs, stats.pair_votes(), stats.pair_a_votes(),
+                                                          strict=True)}
+    assert got == expect
+    assert stats.kind_votes() is stats.kind_votes()
+    with pytest.raises(ValueError, match="read-only"):
+        stats.kind_votes()[0] += 1
