@@ -30,6 +30,7 @@ from heedful.model.likelihood import (
     QuadraturePlan,
     bucket_nodes,
     casual_prob,
+    csr_tensor,
     vote_loglik,
 )
 from heedful.model.quadrature import gauss_jacobi
@@ -361,6 +362,17 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
                          prob_above=None if p_above is None else p_above.cpu().numpy())
 
 
+def _row_sum_operator(lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """CSR [n, sum(lengths)] of ones summing each run of ``lengths`` consecutive entries: S @ v sums v per row
+    (a sparse product: 3-4x faster than index_add_ on the CPU)."""
+    n, nnz = lengths.shape[0], int(lengths.sum())
+    index = torch.int32 if nnz < 2**31 - 1 else torch.int64
+    crow = torch.zeros(n + 1, dtype=index, device=lengths.device)
+    crow[1:] = torch.cumsum(lengths, 0)
+    return csr_tensor(crow, torch.arange(nnz, dtype=index, device=lengths.device),
+                      torch.ones(nnz, dtype=dtype, device=lengths.device), (n, nnz))
+
+
 def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: float, mu: torch.Tensor,
                   rho: torch.Tensor | None, x: torch.Tensor, jmax: torch.Tensor, g3: torch.Tensor,
                   mode: torch.Tensor, iters: int = 30) -> None:
@@ -382,7 +394,9 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
     n_rows = j.shape[0]
     cr = bk.incidence.crow_indices()[first:first + n_rows + 1].long()
     q = bk.incidence.col_indices()[cr[0]:cr[-1]].long()
-    row = torch.repeat_interleave(torch.arange(n_rows, device=dev), cr.diff(), output_size=q.shape[0])
+    lengths = cr.diff()
+    row = torch.repeat_interleave(torch.arange(n_rows, device=dev), lengths, output_size=q.shape[0])
+    sums = _row_sum_operator(lengths, dt)
     c, d, cnt = c_q.index_select(0, q), d_q.index_select(0, q), cnt_q.index_select(0, q)
     lo = torch.sigmoid(x[(j - 1).clamp_min(0)])
     hi = torch.sigmoid(x[(j + 1).clamp_max(M - 1)])
@@ -392,7 +406,7 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
     eta = torch.sigmoid(x[j] + shift * (x[1] - x[0]))
     prev = torch.full_like(eta, math.inf)
     was_newton = torch.zeros_like(j, dtype=torch.bool)
-    t, gc = torch.empty_like(c), torch.empty_like(c)
+    t, gc = torch.empty_like(c), torch.empty(c.shape[0], 2, dtype=dt, device=dev)
     out, sel = eta, None             # sel: which users the working arrays hold once compacted; out: all users
     for _ in range(iters):
         n_active = int(active.sum())
@@ -407,15 +421,19 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
             sel = keep if sel is None else sel[keep]
             on = active.index_select(0, row)
             row = (torch.cumsum(active, 0) - 1).index_select(0, row)[on]
+            lengths = lengths[keep]
+            sums = _row_sum_operator(lengths, dt)
             c, d, cnt = c[on], d[on], cnt[on]
             eta, lo, hi, prev, was_newton = eta[keep], lo[keep], hi[keep], prev[keep], was_newton[keep]
             active = torch.ones_like(keep, dtype=torch.bool)
-            t, gc = torch.empty_like(c), torch.empty_like(c)
-        torch.index_select(eta, 0, row, out=gc)
-        torch.div(d, torch.addcmul(c, gc, d, out=t), out=t)   # d log(c + eta d) / d eta per cell
-        torch.mul(cnt, t, out=gc)
-        g = torch.zeros_like(eta).index_add_(0, row, gc) + (a - 1) / eta - (b - 1) / (1 - eta)
-        h = -torch.zeros_like(eta).index_add_(0, row, gc.mul_(t)) - (a - 1) / eta ** 2 - (b - 1) / (1 - eta) ** 2
+            t, gc = torch.empty_like(c), torch.empty(c.shape[0], 2, dtype=dt, device=dev)
+        torch.index_select(eta, 0, row, out=t)
+        torch.div(d, torch.addcmul(c, t, d, out=t), out=t)    # d log(c + eta d) / d eta per cell
+        torch.mul(cnt, t, out=gc[:, 0])
+        torch.mul(gc[:, 0], t, out=gc[:, 1])
+        score, info = (sums @ gc).unbind(1)                    # per user: sum n t, sum n t^2
+        g = score + (a - 1) / eta - (b - 1) / (1 - eta)
+        h = -info - (a - 1) / eta ** 2 - (b - 1) / (1 - eta) ** 2
         lo = torch.where(g > 0, eta, lo)           # the derivative's sign keeps the root bracketed
         hi = torch.where(g > 0, hi, eta)
         step = eta - g / h
