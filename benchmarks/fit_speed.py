@@ -1,6 +1,6 @@
 """Figures for docs/performance.md: fit (em, marginal) at 1M and 10M votes beside the read-and-encode floor.
 
-Every figure is one fresh process, timed from outside (wall, and peak RSS from ``/usr/bin/time`` when it
+Every figure is one fresh process, timed from outside (wall; peak RSS and CPU seconds from ``/usr/bin/time`` when it
 exists, else ``resource.getrusage(RUSAGE_CHILDREN)`` of a one-shot helper):
 
 - ``startup``: ``heedful --help`` (interpreter + imports), subtracted from every CLI fit;
@@ -84,12 +84,14 @@ print(json.dumps({"inner_s": time.perf_counter() - t, "rows": len(data)}))
 
 
 def run(cmd: list[str], timeout: float | None = None) -> dict:
-    """Wall time, peak RSS (MiB) and the JSON line the command printed last (if any)."""
+    """Wall time, peak RSS (MiB), CPU seconds (user + system, all threads) and the JSON line the command
+    printed last (if any)."""
     if TIME:
-        full = [TIME, "-f", "@@rss %M", *cmd]
+        full = [TIME, "-f", "@@rss %M %U %S", *cmd]
     else:
         full = [sys.executable, "-c", "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-                "print('@@rss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+                "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+                "print('@@rss', u.ru_maxrss, u.ru_utime, u.ru_stime, file=sys.stderr); "
                 "sys.exit(r.returncode)", *cmd]
     t = time.perf_counter()
     proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -103,10 +105,11 @@ def run(cmd: list[str], timeout: float | None = None) -> dict:
     wall = time.perf_counter() - t
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    rss = next((int(line.split()[1]) / 1024 for line in p.stderr.splitlines() if line.startswith("@@rss")),
-               float("nan"))
+    usage = next((line.split()[1:] for line in p.stderr.splitlines() if line.startswith("@@rss")), None)
+    rss = int(usage[0]) / 1024 if usage else float("nan")
+    cpu = float(usage[1]) + float(usage[2]) if usage and len(usage) == 3 else float("nan")
     out = next((json.loads(line) for line in reversed(p.stdout.splitlines()) if line.startswith("{")), {})
-    return {"wall_s": wall, "rss_mib": rss, **out}
+    return {"wall_s": wall, "rss_mib": rss, "cpu_s": cpu, **out}
 
 
 def heedful_cmd() -> list[str]:
@@ -192,12 +195,13 @@ def main(argv: list[str] | None = None) -> None:
         path = data_file(args.data, "1m")
         record("peer: crowd-kit NoisyBradleyTerry (defaults)", f"{args.peer_votes // 1000}k",
                run([args.crowdkit_python, "-c", NOISYBT, str(path), str(args.peer_votes)]))
-    print("\n| what | votes | wall s | peak RSS MiB | votes/s | floor s | ratio | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| what | votes | wall s | CPU s (cores busy) | peak RSS MiB | votes/s | floor s | ratio | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fl, ra, rss = r.get("floor_s"), r.get("ratio"), r.get("rss_mib", float("nan"))
+        fl, ra, rss, cpu = r.get("floor_s"), r.get("ratio"), r.get("rss_mib", float("nan")), r.get("cpu_s")
+        busy = "" if cpu is None else f"{cpu:.1f} ({cpu / r['wall_s']:.1f})"
         print(f"| {r['name']} | {r['size']} | {r['wall_s']:.2f}"
-              f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {rss:.0f} | "
+              f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {busy} | {rss:.0f} | "
               f"{r.get('votes_per_s', float('nan')):,.0f} | {'' if fl is None else format(fl, '.2f')} | "
               f"{'' if ra is None else format(ra, '.1f')} | {r['load']} |")
     phased = [r for r in rows if r.get("timings_s")]
