@@ -219,7 +219,7 @@ def posterior_from_votes(df: pd.DataFrame, fit: Fit, tau: float) -> tuple[pd.Ser
     cpu, f64 = torch.device("cpu"), torch.float64
     post = user_posterior(build_plan(stats, cpu, f64), stats.tensors(cpu, f64), *fit.eta_prior,
                           torch.as_tensor(np.nan_to_num(mu, nan=0.5), dtype=f64), fit.rho, tau=tau,
-                          rho_prior=fit.rho_prior)
+                          rho_prior=fit.rho_prior, modes=False)
     return pd.Series(post.mean, index=stats.users), pd.Series(post.prob_above, index=stats.users)
 
 

@@ -174,7 +174,8 @@ class Attentiveness:
         clock.lap("fit")
         post = result.posterior or user_posterior(plan, cells, gfit.a, gfit.b,
                                                   torch.as_tensor(gfit.mu, dtype=dt, device=dev), gfit.rho,
-                                                  level=self.level, rho_prior=gfit.rho_prior)
+                                                  level=self.level, rho_prior=gfit.rho_prior,
+                                                  modes=gfit.eta_map is None)   # EM's eta_map: the modes
         clock.lap("posterior")
         self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
         self.inference_data_ = result.inference_data
@@ -257,7 +258,7 @@ class Attentiveness:
             raise InputError(f"tau must lie in (0, 1), got {tau}")
         mu = torch.as_tensor(self.fit_.mu, dtype=self._dtype, device=self._device)
         post = user_posterior(self._plan, self._cells, self.fit_.a, self.fit_.b, mu, self.fit_.rho,
-                              level=self.level, tau=tau, rho_prior=self.fit_.rho_prior)
+                              level=self.level, tau=tau, rho_prior=self.fit_.rho_prior, modes=False)
         return post.prob_above
 
     def params(self) -> dict:

@@ -170,3 +170,22 @@ def test_a_warm_start_from_a_user_sample_reaches_the_same_fixed_point(monkeypatc
     np.testing.assert_allclose(warm.eta_map, cold.eta_map, atol=1e-6)
     assert warm.rho == pytest.approx(cold.rho, abs=1e-6)
     assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
+
+
+def test_em_eta_map_is_the_posterior_mode_so_the_fit_skips_the_refinement():
+    """EM's eta_u maximise log L_u(eta) + (a-1) log eta + (b-1) log(1-eta) at its globals: the modes of the
+    users' posteriors. The fit therefore asks user_posterior for no modes; every other summary is the same
+    as with them, and the modes it would have computed equal eta_map."""
+    from heedful.inference import Attentiveness
+    from heedful.inference.posterior import user_posterior
+
+    votes = simulate(600, 12, pairs=default_pairs(3, 0.8), seed=5).votes
+    model = Attentiveness(method="em", priors=priors_from_dict({"population": {"eta": "Beta(2, 2)"}})).fit(votes)
+    assert model.posterior_.mode is None
+    mu = torch.as_tensor(model.fit_.mu, dtype=torch.float64)
+    args = (model._plan, model._cells, model.fit_.a, model.fit_.b, mu, model.fit_.rho)
+    full = user_posterior(*args, level=model.level)
+    assert np.abs(full.mode - model.fit_.eta_map).max() < 1e-6
+    np.testing.assert_array_equal(model.users_.eta_hat, model.fit_.eta_map)
+    for name in ("mean", "lo", "hi", "sd"):
+        np.testing.assert_array_equal(getattr(model.posterior_, name), getattr(full, name))
