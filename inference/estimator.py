@@ -133,7 +133,8 @@ class Attentiveness:
 
     Attributes after ``fit``: ``users_``, ``pairs_``, ``eta_prior_``, ``log_likelihood_``,
     ``n_iter_``, ``converged_``, ``warnings_``, ``stats_``, ``fit_``, ``posterior_``, ``inference_data_``
-    (sampling methods), ``diagnostics_``.
+    (sampling methods), ``diagnostics_``. ``posterior_.mode`` is None where the method keeps eta_u
+    (em: ``fit_.eta_map``, the modes, is ``users_.eta_hat``).
     """
 
     def __init__(self, method: str = "marginal", priors: Priors | None = None, *, device: str = "auto",
