@@ -52,6 +52,7 @@ from heedful.model.likelihood import (
     csr_tensor,
     gold_loglik,
     log_marginal,
+    run_sum_matrix,
     vote_loglik,
 )
 from heedful.suffstats import VoteStats
@@ -304,7 +305,7 @@ class _Profile:
         self.th_lo, self.th_hi = max(1e-9, 2 * eps), 1 - max(1e-9, 2 * eps)      # EM's mu, rho clamp
         self.xtol = max(1e-11, 1e3 * eps)
         self.crow = _crow(cu, U, torch.int64)
-        self.by_user = csr_tensor(self.crow.to(index), torch.arange(C, device=dev, dtype=index), cnt, (U, C))
+        self.by_user = run_sum_matrix(self.crow, cnt, index)
         # d m / d mu and d c / d rho per kind: +-1, 0 where a gold label fixes m or the order is unknown
         self.s_m = torch.where(kinds.gold == 0, torch.where(kinds.pick_a, 1.0, -1.0), 0.0).to(dt)
         self.s_c = torch.where(kinds.first == 1, 1.0, torch.where(kinds.first == 2, -1.0, 0.0)).to(dt)
@@ -386,8 +387,7 @@ class _Profile:
         d = b_d[idx]
         q = torch.addcmul(b_c[idx], d, e)
         r = d.div_(q)
-        sub = csr_tensor(crow.to(self.index), torch.arange(n, device=self.dev, dtype=self.index), self.cnt[idx],
-                   (users.shape[0], n))
+        sub = run_sum_matrix(crow, self.cnt[idx], self.index)
         b_e[idx], b_q[idx] = e, q
         return sub @ r, sub @ r.square_()
 

@@ -30,7 +30,7 @@ from heedful.model.likelihood import (
     QuadraturePlan,
     bucket_nodes,
     casual_prob,
-    csr_tensor,
+    run_sum_matrix,
     vote_loglik,
 )
 from heedful.model.quadrature import gauss_jacobi
@@ -360,23 +360,12 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
                 p_above[users] = (1 - f_tau).clamp(0, 1)
             if modes:
                 mode[users] = torch.where(jmax == 0, 0.0, torch.where(jmax == M - 1, 1.0, torch.sigmoid(x[jmax])))
-            if modes and rp is None:
-                _refine_modes(plan, bk, first, pa, pb, mu, rho_t, x, jmax, g3, mode)
+                if rp is None:
+                    _refine_modes(plan, bk, first, pa, pb, mu, rho_t, x, jmax, g3, mode)
     return UserPosterior(mean=mean.cpu().numpy(), mode=mode.cpu().numpy() if modes else None,
                          lo=torch.minimum(lo, mean).cpu().numpy(),
                          hi=torch.maximum(hi, mean).cpu().numpy(), sd=sd.cpu().numpy(),
                          prob_above=None if p_above is None else p_above.cpu().numpy())
-
-
-def _row_sum_operator(lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """CSR [n, sum(lengths)] of ones summing each run of ``lengths`` consecutive entries: S @ v sums v per row
-    (a sparse product: 3-4x faster than index_add_ on the CPU)."""
-    n, nnz = lengths.shape[0], int(lengths.sum())
-    index = torch.int32 if nnz < 2**31 - 1 else torch.int64
-    crow = torch.zeros(n + 1, dtype=index, device=lengths.device)
-    crow[1:] = torch.cumsum(lengths, 0)
-    return csr_tensor(crow, torch.arange(nnz, dtype=index, device=lengths.device),
-                      torch.ones(nnz, dtype=dtype, device=lengths.device), (n, nnz))
 
 
 def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: float, mu: torch.Tensor,
@@ -402,7 +391,7 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
     q = bk.incidence.col_indices()[cr[0]:cr[-1]].long()
     lengths = cr.diff()
     row = torch.repeat_interleave(torch.arange(n_rows, device=dev), lengths, output_size=q.shape[0])
-    sums = _row_sum_operator(lengths, dt)
+    sums = run_sum_matrix(cr - cr[0], torch.ones(q.shape[0], dtype=dt, device=dev))
     c, d, cnt = c_q.index_select(0, q), d_q.index_select(0, q), cnt_q.index_select(0, q)
     lo = torch.sigmoid(x[(j - 1).clamp_min(0)])
     hi = torch.sigmoid(x[(j + 1).clamp_max(M - 1)])
@@ -428,8 +417,8 @@ def _refine_modes(plan: QuadraturePlan, bk: Bucket, first: int, a: float, b: flo
             on = active.index_select(0, row)
             row = (torch.cumsum(active, 0) - 1).index_select(0, row)[on]
             lengths = lengths[keep]
-            sums = _row_sum_operator(lengths, dt)
             c, d, cnt = c[on], d[on], cnt[on]
+            sums = run_sum_matrix(torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]), torch.ones_like(c))
             eta, lo, hi, prev, was_newton = eta[keep], lo[keep], hi[keep], prev[keep], was_newton[keep]
             active = torch.ones_like(keep, dtype=torch.bool)
             t, gc = torch.empty_like(c), torch.empty(c.shape[0], 2, dtype=dt, device=dev)

@@ -168,6 +168,16 @@ def csr_tensor(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: 
         return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
 
+def run_sum_matrix(crow: torch.Tensor, values: torch.Tensor, index: torch.dtype | None = None) -> torch.Tensor:
+    """CSR [n, len(values)] whose row r holds values[crow[r]:crow[r + 1]] in those same columns, so that
+    S @ v sums values * v over each row's run of consecutive entries (3-4x faster than index_add_ on the CPU).
+    ``index``: the CSR index dtype, by default int32 where the entries fit."""
+    nnz = values.shape[0]
+    index = index or (torch.int32 if nnz < 2**31 - 1 else torch.int64)
+    return csr_tensor(crow.to(index), torch.arange(nnz, dtype=index, device=values.device), values,
+                      (crow.shape[0] - 1, nnz))
+
+
 def _small_sort(keys: np.ndarray) -> np.ndarray:
     """Stable argsort of small non-negative integers (radix sort when they fit in 16 bits)."""
     if len(keys) and keys.max() < 1 << 15:
@@ -251,7 +261,6 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
             incidence=incidence,
             transpose=_background(_transpose, *args) if len(rows) >= BACKGROUND_CELLS else _transpose(*args),
         ))
-        del rows, inv
     k = stats.kinds()
     kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
                   pick_a=torch.as_tensor(k["pick_a"].astype(bool), device=device),
