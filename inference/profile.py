@@ -4,8 +4,11 @@
     interval = {mu : 2 (l_max - l_p(mu)) <= chi2_1(level)}
 
 Walks outwards from the estimate in logit steps, re-maximising the others from the previous point
-(and from Beta(1, 1) when that point's eta prior is degenerate); a side that never drops below the
-threshold before |logit mu| = 9 is reported as reaching 0 or 1.
+(and from Beta(1, 1) when that point's eta prior is degenerate). A step starts at 0.5 and doubles (up to
+4) after each step over which the profile changed by less than a quarter of the threshold; once a step crosses it, the
+crossing is found by regula falsi (Illinois) on f(t) = l_max - l_p(t) - chi2_1(level) / 2, to
+|f| <= 1e-3 or a bracket 1/64 wide. A side that never crosses before |logit mu| = 9 is reported as
+reaching 0 or 1.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from heedful.inference.result import GlobalFit
 from heedful.model.likelihood import QuadraturePlan
 from heedful.suffstats import VoteStats
 
-STEP, EDGE, BISECT = 0.5, 9.0, 5
+STEP, MAX_STEP, EDGE = 0.5, 4.0, 9.0   # logit steps of the walk, and its end
+ROOT_F_TOL, ROOT_T_TOL, ROOT_ITERS = 1e-3, 1.0 / 64, 12   # the crossing: |f| in log-likelihood, bracket in logit
 
 
 def _log_beta(x: float, a: float, b: float) -> float:
@@ -59,24 +63,22 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
     top = fit.objective
     ends = {}
     for direction in (-1.0, 1.0):
-        t, prev_t = t_hat, t_hat
+        t, prev_obj, step = t_hat, fit.objective, STEP
         start = (fit.a, fit.b, fit.mu.copy(), fit.rho)
         ends[direction] = 0.0 if direction < 0 else 1.0
-        while abs(t + direction * STEP) <= EDGE + 1e-9:
-            t += direction * STEP
+        while direction * t < EDGE - 1e-9:
+            prev_t, t = t, float(np.clip(t + direction * step, -EDGE, EDGE))
             obj, nxt = refit(t, start)
             points.append((t, obj))
             top = max(top, obj)
-            if top - obj > drop:   # crossed between prev_t and t: bisect with refits
-                lo_t, hi_t = prev_t, t
-                for _ in range(BISECT):
-                    mid = 0.5 * (lo_t + hi_t)
-                    o, _ = refit(mid, start)
-                    points.append((mid, o))
-                    lo_t, hi_t = (mid, hi_t) if top - o <= drop else (lo_t, mid)
-                ends[direction] = float(1 / (1 + np.exp(-0.5 * (lo_t + hi_t))))
+            if top - obj > drop:   # crossed between prev_t and t
+                cross = _crossing(lambda u, s=start, m=top: m - refit(u, s)[0] - drop, prev_t, top - prev_obj - drop,
+                                  t, top - obj - drop, points, top, drop)
+                ends[direction] = float(1 / (1 + np.exp(-cross)))
                 break
-            prev_t, start = t, nxt
+            if abs(obj - prev_obj) < drop / 4:     # the profile changes slowly here: longer steps
+                step = min(2 * step, MAX_STEP)
+            prev_obj, start = obj, nxt
     warnings = []
     if top > fit.objective + 1e-3:
         best_t = max(points, key=lambda q: q[1])[0]
@@ -86,3 +88,31 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
     points.sort()
     return {"mu": [m for m, _ in points], "objective": [o for _, o in points], "lo": ends[-1.0], "hi": ends[1.0],
             "level": level, "warnings": warnings}
+
+
+def _crossing(f, t_in: float, f_in: float, t_out: float, f_out: float, points: list, top: float,
+              drop: float) -> float:
+    """Root of f between t_in (f < 0: inside the interval) and t_out (f > 0), by the Illinois method.
+
+    Each evaluation of f is a refit; its (t, l_p) is added to ``points``.
+    """
+    last = 0                      # which end the previous guess replaced: +1 t_out, -1 t_in
+    for _ in range(ROOT_ITERS):
+        if abs(t_out - t_in) <= ROOT_T_TOL:
+            break
+        guess = t_out - f_out * (t_out - t_in) / (f_out - f_in)
+        if not min(t_in, t_out) < guess < max(t_in, t_out):
+            guess = 0.5 * (t_in + t_out)
+        f_g = f(guess)
+        points.append((guess, top - drop - f_g))
+        if abs(f_g) <= ROOT_F_TOL:
+            return guess
+        if f_g > 0:
+            t_out, f_out = guess, f_g
+            f_in = 0.5 * f_in if last == 1 else f_in       # the same end twice: halve the other's value
+            last = 1
+        else:
+            t_in, f_in = guess, f_g
+            f_out = 0.5 * f_out if last == -1 else f_out
+            last = -1
+    return t_out - f_out * (t_out - t_in) / (f_out - f_in)

@@ -180,3 +180,26 @@ def test_stopping_on_the_relative_change_alone_stops_short_of_the_maximum(monkey
     monkeypatch.setattr(marginal, "STOP_GAIN", 1e9)
     monkeypatch.setattr(marginal, "NEWTON_STEPS", 0)
     assert _newton_gain(Attentiveness().fit(_ridge_votes())) > 5e-4
+
+
+def test_profile_interval_ends_where_the_brute_force_profile_crosses_the_threshold():
+    """The profile's ends: l_max - l_p(mu) = chi2_1(level) / 2, with l_p re-maximised independently over (a, b)."""
+    pairs = [("gpt", "llama", 0.8), ("claude", "vicuna", 0.7)]
+    sim = simulate(400, 12, eta_prior=(3.0, 4.0), pairs=pairs, seed=3)
+    priors = Priors(pairs=(PairPrior("gpt", "llama", mu=0.8),))
+    model = Attentiveness(priors=priors, options={"profile": True}).fit(sim.votes)
+    p = int(np.flatnonzero(model.pairs_.model_a == "claude")[0])
+    prof, mu_hat = model.fit_.profiles[p], model.pairs_.mu.iloc[p]
+    f = _brute_force_loglik(sim.votes)
+
+    def drop_at(mu: float) -> float:
+        res = optimize.minimize(lambda th: -f(np.exp(th[0]), np.exp(th[1]), {"gpt|llama": 0.8, "claude|vicuna": mu}),
+                                x0=[np.log(model.eta_prior_["a"]), np.log(model.eta_prior_["b"])],
+                                method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+        return model.log_likelihood_ + res.fun
+
+    drop = stats.chi2.ppf(prof["level"], 1) / 2
+    assert 0.5 < prof["lo"] < mu_hat < prof["hi"] < 1.0
+    for end, outward in ((prof["lo"], -0.01), (prof["hi"], 0.01)):
+        assert drop_at(end) == pytest.approx(drop, abs=0.01)
+        assert drop_at(end + outward) > drop + 0.05                        # a crossing, not a plateau
