@@ -16,10 +16,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     d = tmp_path_factory.mktemp("fit")
-    sim = simulate(300, 15, seed=21)
+    sim = simulate(120, 12, seed=21)
     write_table(d / "truth.parquet", sim.users)
     priors = Priors(pairs=(PairPrior("strong-model", "weak-model", beta=(8.0, 2.0)),))
-    m = Attentiveness("nuts", priors, options={"draws": 100, "warmup": 100, "chains": 2, "seed": 0}).fit(sim.votes)
+    m = Attentiveness("nuts", priors, options={"draws": 60, "warmup": 60, "chains": 2, "seed": 0}).fit(sim.votes)
     write_inference_data(d / "out" / "posterior.nc", m.inference_data_)
     write_fit(d / "out", m.users_, m.params())
     return d
