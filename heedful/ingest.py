@@ -56,6 +56,7 @@ _CHOICE = {"a": 0, "b": 1, "tie": 2}
 _SIDE = {"a": 1, "b": 2}        # 0: unknown / blank
 _HASH_P = np.uint64(0x100000001B3)
 _HASH_0 = np.uint64(0xCBF29CE484222325)
+HASH_BLOCK = 1 << 16          # ids hashed per numpy pass (a few MB of temporaries, in cache)
 
 
 # -- sources ------------------------------------------------------------------------------------------
@@ -397,12 +398,22 @@ def hash_ids(col: pa.Array) -> np.ndarray:
     Strings: the UTF-8 bytes read eight at a time as little-endian words (unaligned loads from the
     Arrow buffer, bytes past the end masked off), m = (h ^ w) P, h = m ^ (m >> 29) per word, seeded
     with the length, then a final avalanche; an id hashes the same in every batch. Callers confirm
-    any collision on the ids.
+    any collision on the ids. Hashed HASH_BLOCK ids at a time, so the temporaries stay in cache.
     """
     if pa.types.is_integer(col.type):
         return col.cast(pa.int64()).to_numpy(zero_copy_only=False).view(np.uint64)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         col = col.cast(pa.large_string())
+    if len(col) <= HASH_BLOCK:
+        return _hash_strings(col)
+    out = np.empty(len(col), dtype=np.uint64)
+    for i in range(0, len(col), HASH_BLOCK):
+        out[i:i + HASH_BLOCK] = _hash_strings(col.slice(i, HASH_BLOCK))
+    return out
+
+
+def _hash_strings(col: pa.Array) -> np.ndarray:
+    """:func:`hash_ids` of a string or large-string array, in one pass of numpy over it."""
     n = len(col)
     bufs = col.buffers()
     odt = np.int64 if pa.types.is_large_string(col.type) else np.int32

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from heedful.cli import app
 from heedful.errors import InputError
-from heedful.ingest import StatsBuilder, hash_ids, shift_rows, stream_vote_stats
+from heedful.ingest import HASH_BLOCK, StatsBuilder, hash_ids, shift_rows, stream_vote_stats
 from heedful.simulate import default_pairs, simulate
 from heedful.suffstats import VoteStats, vote_stats
 from heedful.votes import read_votes
@@ -169,6 +169,18 @@ def test_hash_ids_separates_ids_and_respects_slices():
     np.testing.assert_array_equal(hash_ids(ids.slice(5, 10)), h[5:15])
     large = pa.array(["x", "y"], type=pa.large_string())
     np.testing.assert_array_equal(hash_ids(large), hash_ids(pa.array(["x", "y"])))
+
+
+def test_hash_ids_in_blocks_equal_each_id_hashed_alone():
+    """Past HASH_BLOCK ids the hashing runs block by block; every id still hashes as it does on its own."""
+    ids = [f"user-{i}" * (i % 4 + 1) for i in range(2 * HASH_BLOCK + 17)]
+    col = pa.array(ids)
+    h = hash_ids(col)
+    picks = [0, HASH_BLOCK - 1, HASH_BLOCK, HASH_BLOCK + 1, 2 * HASH_BLOCK, len(ids) - 1]
+    for i in picks:
+        assert hash_ids(pa.array([ids[i]]))[0] == h[i]
+    np.testing.assert_array_equal(hash_ids(col.slice(3, HASH_BLOCK + 5)), h[3:HASH_BLOCK + 8])
+    assert len(np.unique(h)) == len(ids)
 
 
 def test_cli_fit_streams_and_writes_the_same_fit(tmp_path, messy):
