@@ -84,8 +84,8 @@ print(json.dumps({"inner_s": time.perf_counter() - t, "rows": len(data)}))
 
 
 def run(cmd: list[str], timeout: float | None = None) -> dict:
-    """Wall time, peak RSS (MiB), CPU seconds (user + system, all threads) and the JSON line the command
-    printed last (if any)."""
+    """Wall time, peak RSS (MiB), CPU seconds (user + system, all threads), the system part of them (mostly
+    page faults: first touches of memory) and the JSON line the command printed last (if any)."""
     if TIME:
         full = [TIME, "-f", "@@rss %M %U %S", *cmd]
     else:
@@ -108,8 +108,9 @@ def run(cmd: list[str], timeout: float | None = None) -> dict:
     usage = next((line.split()[1:] for line in p.stderr.splitlines() if line.startswith("@@rss")), None)
     rss = int(usage[0]) / 1024 if usage else float("nan")
     cpu = float(usage[1]) + float(usage[2]) if usage and len(usage) == 3 else float("nan")
+    sys_s = float(usage[2]) if usage and len(usage) == 3 else float("nan")
     out = next((json.loads(line) for line in reversed(p.stdout.splitlines()) if line.startswith("{")), {})
-    return {"wall_s": wall, "rss_mib": rss, "cpu_s": cpu, **out}
+    return {"wall_s": wall, "rss_mib": rss, "cpu_s": cpu, "sys_s": sys_s, **out}
 
 
 def heedful_cmd() -> list[str]:
@@ -195,13 +196,16 @@ def main(argv: list[str] | None = None) -> None:
         path = data_file(args.data, "1m")
         record("peer: crowd-kit NoisyBradleyTerry (defaults)", f"{args.peer_votes // 1000}k",
                run([args.crowdkit_python, "-c", NOISYBT, str(path), str(args.peer_votes)]))
-    print("\n| what | votes | wall s | CPU s (cores busy) | peak RSS MiB | votes/s | floor s | ratio | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| what | votes | wall s | CPU s (cores busy) | of which system s | peak RSS MiB | votes/s | floor s "
+          "| ratio | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fl, ra, rss, cpu = r.get("floor_s"), r.get("ratio"), r.get("rss_mib", float("nan")), r.get("cpu_s")
         busy = "" if cpu is None else f"{cpu:.1f} ({cpu / r['wall_s']:.1f})"
+        system = "" if r.get("sys_s") is None else f"{r['sys_s']:.1f}"
         print(f"| {r['name']} | {r['size']} | {r['wall_s']:.2f}"
-              f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {busy} | {rss:.0f} | "
+              f"{' (inner ' + format(r['inner_s'], '.2f') + ')' if 'inner_s' in r else ''} | {busy} | {system} | "
+              f"{rss:.0f} | "
               f"{r.get('votes_per_s', float('nan')):,.0f} | {'' if fl is None else format(fl, '.2f')} | "
               f"{'' if ra is None else format(ra, '.1f')} | {r['load']} |")
     phased = [r for r in rows if r.get("timings_s")]
