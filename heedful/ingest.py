@@ -688,15 +688,18 @@ class StatsBuilder:
             return
         keys, counts = [self.cell_key], [self.cell_count]
         plain = [k for k, w in self.pending if w is None]
+        weighted = [(k, w) for k, w in self.pending if w is not None]
+        self.pending, self.n_pending = [], 0
+        only_plain = bool(plain) and not weighted and not len(self.cell_key)
         if plain:
-            k, c = _counts_of_sorted(_merge_runs(plain)) if self.presort else unique_counts(np.concatenate(plain))
+            joined = _concat_draining(plain)
+            k, c = _counts_of_sorted(_sort_in_place(joined)) if self.presort else unique_counts(joined)
+            del joined
             keys.append(k)
             counts.append(c)
-        weighted = [(k, w) for k, w in self.pending if w is not None]
         keys += [k for k, _ in weighted]
         counts += [w for _, w in weighted]
-        self.pending, self.n_pending = [], 0
-        if plain and not weighted and not len(self.cell_key):
+        if only_plain:
             self.cell_key, self.cell_count = keys[1], counts[1]
             return
         key, count = np.concatenate(keys), np.concatenate(counts)
@@ -744,17 +747,26 @@ class StatsBuilder:
         provisional = np.arange(n_kinds)
         final_kind = rank[provisional // KINDS_PER_PAIR] * KINDS_PER_PAIR + provisional % KINDS_PER_PAIR
         self._fold()
-        user, kind, count = self.cell_key >> 32, final_kind[self.cell_key & 0xFFFFFFFF], self.cell_count
-        if not np.array_equal(order, np.arange(len(order))):   # sorted by user, kinds permuted inside each user:
-            by_key = np.argsort(user * n_kinds + kind, kind="stable")   # timsort on that is close to linear
-            user, kind, count = user[by_key], kind[by_key], count[by_key]
+        key = self.cell_key
+        if np.array_equal(order, np.arange(len(order))):
+            user, kind, count = key >> 32, final_kind[key & 0xFFFFFFFF], self.cell_count.copy()
+        else:      # sorted by user, kinds permuted inside each user: re-sort user << 32 | final kind (timsort,
+            packed = final_kind[key & 0xFFFFFFFF]      # close to linear), with at most 3 such arrays alive at once
+            high = np.right_shift(key, 32)
+            packed |= np.left_shift(high, 32, out=high)
+            del high
+            by_key = np.argsort(packed, kind="stable")
+            packed, count = packed[by_key], self.cell_count[by_key]
+            del by_key
+            user = packed >> 32
+            kind = np.bitwise_and(packed, 0xFFFFFFFF, out=packed)
         users = pd.Index(self.users.to_pandas() if self.users is not None else [], name="user_id")
         return VoteStats(
             users=users,
             pairs=[(str(a), str(b)) for a, b in pairs],
             cell_user=user,
             cell_kind=kind,
-            cell_count=count.astype(np.int64),
+            cell_count=count.astype(np.int64, copy=False),
             gold_a=self._grow(self.gold_a, n_pairs)[order],
             gold_n=self._grow(self.gold_n, n_pairs)[order],
             user_ties=self._ties(),
@@ -764,8 +776,12 @@ class StatsBuilder:
 
     def duplicate_ids(self) -> bool:
         """Whether two vote ids share a hash (then :func:`_vote_id_error` confirms on the ids). The batches'
-        hashes come sorted, so a stable sort (timsort) of their concatenation is a merge of sorted runs."""
-        return bool(self.id_hashes) and _repeats_in_sorted(_merge_runs(self.id_hashes))
+        hashes come sorted, so a stable sort (timsort) of their concatenation is a merge of sorted runs; the
+        runs are replaced by that one sorted run (freed as they are copied)."""
+        if len(self.id_hashes) > 1:
+            runs, self.id_hashes = self.id_hashes, []
+            self.id_hashes = [_sort_in_place(_concat_draining(runs))]
+        return bool(self.id_hashes) and _repeats_in_sorted(self.id_hashes[0])
 
     def add_prepared(self, b: _Batch) -> None:
         """Count a batch made by :func:`prepare_batch`."""
@@ -806,13 +822,31 @@ def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: in
 def _counts_of_sorted(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of a sorted array and how often each occurs."""
     start = _group_starts(s)
-    return s[start], np.diff(np.append(start, len(s))).astype(np.int64)
+    counts = np.empty(len(start), dtype=np.int64)
+    np.subtract(start[1:], start[:-1], out=counts[:-1])
+    counts[-1:] = len(s) - start[-1:]
+    return s[start], counts
 
 
-def _merge_runs(runs: list[np.ndarray]) -> np.ndarray:
-    """One sorted array from sorted runs: a stable sort (timsort) of their concatenation merges them in
-    linear passes (and still sorts correctly, only slower, should a run not be sorted)."""
-    return np.sort(np.concatenate(runs), kind="stable")
+def _sort_in_place(x: np.ndarray) -> np.ndarray:
+    """x sorted in place by a stable sort: timsort merges sorted runs in linear passes (and still sorts
+    correctly, only slower, should a run not be sorted); returns x."""
+    x.sort(kind="stable")
+    return x
+
+
+def _concat_draining(runs: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate(runs), emptying the list as it copies: a run no one else holds is freed once copied, so
+    the copy needs about one run of extra memory, not all of them."""
+    out = np.empty(sum(len(r) for r in runs), dtype=np.result_type(*runs))
+    pos = 0
+    runs.reverse()
+    while runs:
+        r = runs.pop()
+        out[pos:pos + len(r)] = r
+        pos += len(r)
+        del r
+    return out
 
 
 def _repeats_in_sorted(s: np.ndarray) -> bool:

@@ -230,6 +230,36 @@ def test_threads_and_chunking_do_not_change_the_counts(tmp_path):
             np.testing.assert_array_equal(getattr(other, name), getattr(one, name), err_msg=name)
 
 
+def test_builder_results_and_repeat_check_leave_it_counting(tmp_path):
+    """result() and duplicate_ids() (which merges the id-hash runs in place) leave the builder able to take more
+    batches: the final counts equal one pass over everything, in either order of the calls."""
+    from heedful.ingest import add_batch
+
+    sim = simulate(300, 8, pairs=default_pairs(4, 0.8), tie_rate=0.05, seed=12)
+    v = sim.votes.iloc[::-1].reset_index(drop=True)         # pairs first seen out of sorted order
+    table = pa.Table.from_pandas(v, preserve_index=False)
+    want = vote_stats(v)
+    for presort in (True, False):
+        builder = StatsBuilder(buffer_rows=50, presort=presort)
+        for i, batch in enumerate(table.slice(0, 1200).to_batches(max_chunksize=300)):
+            add_batch(builder, batch, "v", 300 * i)
+        half = builder.result()
+        np.testing.assert_array_equal(half.cell_count, vote_stats(v.iloc[:1200]).cell_count)
+        assert not builder.duplicate_ids() and len(builder.id_hashes) == 1
+        for i, batch in enumerate(table.slice(1200).to_batches(max_chunksize=300)):
+            add_batch(builder, batch, "v", 1200 + 300 * i)
+        assert not builder.duplicate_ids()
+        add_batch(builder, table.slice(7, 1).to_batches()[0], "v", len(v))     # a repeated vote id
+        assert builder.duplicate_ids()
+        full = builder.result()
+        np.testing.assert_array_equal(half.cell_count, vote_stats(v.iloc[:1200]).cell_count)   # not overwritten
+        for name in ("cell_user", "cell_kind", "cell_count", "user_ties", "pair_ties"):
+            again = pd.concat([v, v.iloc[7:8]]).drop(columns="vote_id")       # the reference checks no ids
+            got, ref = getattr(full, name), getattr(vote_stats(again), name)
+            np.testing.assert_array_equal(got, ref, err_msg=name)
+    assert list(full.users) == list(want.users)
+
+
 def test_the_first_bad_row_is_reported_whatever_the_threads(tmp_path):
     sim = simulate(200, 10, seed=6)
     v = sim.votes.astype({"choice": object})
