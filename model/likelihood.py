@@ -150,14 +150,15 @@ def row_sums(incidence: torch.Tensor, table: torch.Tensor, incidence_t: torch.Te
     return incidence @ table
 
 
-def _csr(row_counts: np.ndarray, cols: np.ndarray, shape: tuple[int, int], device, dtype) -> torch.Tensor:
-    """CSR of a 0/1 matrix from the entries' columns in row order and the number of entries per row."""
+def _csr(row_counts: np.ndarray, cols: np.ndarray, shape: tuple[int, int], ones: torch.Tensor) -> torch.Tensor:
+    """CSR of a 0/1 matrix from the entries' columns in row order and the number of entries per row; ``ones``
+    (as many as entries, never written) are its values: a matrix and its transpose share them."""
     index = np.int32 if len(cols) < 2**31 - 1 and max(shape) < 2**31 - 1 else np.int64   # int32: 1/3 faster
     crow = np.zeros(shape[0] + 1, dtype=index)
     np.cumsum(row_counts, out=crow[1:])
     cols = cols.astype(index, copy=False)
-    return csr_tensor(torch.as_tensor(crow, device=device), torch.as_tensor(cols, device=device),
-                      torch.ones(len(cols), dtype=dtype, device=device), shape)
+    return csr_tensor(torch.as_tensor(crow, device=ones.device), torch.as_tensor(cols, device=ones.device), ones,
+                      shape)
 
 
 def csr_tensor(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -251,8 +252,9 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
         uniq, inv = _unique_inverse(kind * width + count)
         rows = local[cell_user[cells]]
         q = len(uniq)
-        incidence = _csr(np.bincount(rows, minlength=len(users)), inv, (len(users), q), device, dtype)
-        args = (rows, inv, q, len(users), device, dtype)
+        ones = torch.ones(len(rows), dtype=dtype, device=device)     # the values of the incidence and its transpose
+        incidence = _csr(np.bincount(rows, minlength=len(users)), inv, (len(users), q), ones)
+        args = (rows, inv, q, len(users), ones)
         buckets.append(Bucket(
             n_nodes=nodes_for(int(nu[users].max()), cap),
             users=torch.as_tensor(users, device=device),
@@ -271,10 +273,10 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
                           torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
 
 
-def _transpose(rows: np.ndarray, cols: np.ndarray, q: int, n_rows: int, device, dtype) -> torch.Tensor:
+def _transpose(rows: np.ndarray, cols: np.ndarray, q: int, n_rows: int, ones: torch.Tensor) -> torch.Tensor:
     """CSR [q, n_rows] of the 0/1 matrix with entries (rows, cols), rows ascending: a stable radix sort by column."""
     by_col = _small_sort(cols) if q < 1 << 15 else np.argsort(cols, kind="stable")
-    return _csr(np.bincount(cols, minlength=q), rows[by_col], (q, n_rows), device, dtype)
+    return _csr(np.bincount(cols, minlength=q), rows[by_col], (q, n_rows), ones)
 
 
 def _background(fn, *args) -> Future:

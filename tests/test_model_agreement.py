@@ -175,6 +175,9 @@ def test_transpose_built_in_the_background_is_the_same(monkeypatch):
         assert torch.equal(x.incidence_t.crow_indices(), y.incidence_t.crow_indices())
         assert torch.equal(x.incidence_t.col_indices(), y.incidence_t.col_indices())
         assert isinstance(y.transpose, torch.Tensor)          # resolved once, kept
+        for bk in (x, y):                                      # one tensor of ones is the values of both
+            assert bk.incidence.values().data_ptr() == bk.incidence_t.values().data_ptr()
+            assert bool((bk.incidence_t.values() == 1).all())
 
     def broken(*args):
         raise MemoryError("no room for the transpose")
