@@ -51,6 +51,7 @@ BUFFER_ROWS = 1 << 24         # keys buffered before they are folded into cells 
 PARALLEL_SORT_THREADS = 4     # from this many threads big sorts are split across them; below it the counting
                               # thread has slack while the workers read, and sorts each batch's keys on arrival
 NEEDED = (*REQUIRED, "shown_first", "gold", "vote_id")
+FEW_VALUES = ("model_a", "model_b", "choice", "shown_first", "gold")   # Parquet columns read as dictionaries
 _SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 _CHOICE = {"a": 0, "b": 1, "tie": 2}
 _SIDE = {"a": 1, "b": 2}        # 0: unknown / blank
@@ -139,7 +140,8 @@ class _Part:
         if self.batch is not None:
             return [self.batch]
         try:
-            table = pq.ParquetFile(self.path).read_row_group(self.group, columns=self.columns)
+            few = [c for c in FEW_VALUES if c in self.columns]      # read as dictionaries: no strings to encode
+            table = pq.ParquetFile(self.path, read_dictionary=few).read_row_group(self.group, columns=self.columns)
         except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError):
             read_table(self.path)      # raises the reader's one-line InputError
             raise

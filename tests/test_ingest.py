@@ -65,6 +65,19 @@ def test_stream_equals_vote_stats_of_read_votes(tmp_path, messy, suffix, chunk_r
     assert_same(stream_vote_stats(path, chunk_rows=chunk_rows, buffer_rows=1000), vote_stats(read_votes(path)))
 
 
+def test_parquet_parts_read_the_few_valued_columns_as_dictionaries(tmp_path, messy):
+    """Model, choice, order and gold columns come out of Parquet as dictionaries (nothing to hash or encode);
+    the ids stay text. The counts are the same (test_stream_equals_vote_stats_of_read_votes)."""
+    from heedful.ingest import FEW_VALUES, _parts
+
+    path = tmp_path / "v.parquet"
+    messy.to_parquet(path, row_group_size=500)
+    batch = next(_parts(path, 1 << 20)).batches(1 << 20)[0]
+    assert all(pa.types.is_dictionary(batch.schema.field(c).type) for c in FEW_VALUES)
+    text = (pa.types.is_string, pa.types.is_large_string)
+    assert all(any(t(batch.schema.field(c).type) for t in text) for c in ("user_id", "vote_id"))
+
+
 def test_integer_user_ids_keep_their_dtype(tmp_path):
     v = messy_votes(500).assign(user_id=lambda d: np.arange(len(d)) % 37 * 1000)
     v.to_parquet(tmp_path / "v.parquet", row_group_size=100)
