@@ -197,9 +197,9 @@ def summarize(idata, method: str, max_users: int = 1000, check_mixing: bool = Tr
     out["users"] = {"n_summarised": int(users.sizes["user"]), "max_r_hat": _num(ut["r_hat"].max()),
                     "min_ess_bulk": _num(ut["ess_bulk"].min()), "min_ess_tail": _num(ut["ess_tail"].min()),
                     "worst_r_hat": [str(s) for s in ut["r_hat"].sort_values(ascending=False).index[:5]]}
-    out["max_r_hat"] = _num(np.nanmax([tab["r_hat"].max(), ut["r_hat"].max()]))
-    out["min_ess_bulk"] = _num(np.nanmin([tab["ess_bulk"].min(), ut["ess_bulk"].min()]))
-    out["min_ess_tail"] = _num(np.nanmin([tab["ess_tail"].min(), ut["ess_tail"].min()]))
+    out["max_r_hat"] = _extreme(max, tab["r_hat"].max(), ut["r_hat"].max())      # None with one chain
+    out["min_ess_bulk"] = _extreme(min, tab["ess_bulk"].min(), ut["ess_bulk"].min())
+    out["min_ess_tail"] = _extreme(min, tab["ess_tail"].min(), ut["ess_tail"].min())
     out["warnings"] = nuts_warnings(tab, ut, div)
     return out
 
@@ -226,6 +226,12 @@ def nuts_warnings(tab, ut, divergences: int) -> list[str]:
 def _num(v) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None
+
+
+def _extreme(pick, *values) -> float | None:
+    """max or min of the finite values, None if there are none (R-hat of a single chain is NaN)."""
+    finite = [float(v) for v in values if np.isfinite(float(v))]
+    return pick(finite) if finite else None
 
 
 def compare(reference, other) -> dict:

@@ -216,3 +216,17 @@ def test_batched_bins_by_patterns_equal_the_per_cell_sum(casual):
         gi = N.Globals(a[i], b[i], mu[i], None if rho is None else rho[i])
         want = torch.softmax(grid.log_bins(gi), dim=1)
         torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-15)
+
+
+def test_one_chain_reports_no_r_hat_and_raises_no_warning():
+    """R-hat needs two chains: with one, max_r_hat is None (not NaN), the ESS is still reported, and no
+    RuntimeWarning about an all-NaN reduction escapes."""
+    import warnings
+
+    votes = simulate(20, 8, seed=6).votes
+    priors = Priors(pairs=(PairPrior("strong-model", "weak-model", beta=(8.0, 2.0)),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        m = _fit(votes, priors, draws=40, warmup=40, chains=1)
+    assert m.diagnostics_["max_r_hat"] is None
+    assert m.diagnostics_["min_ess_bulk"] is not None and m.diagnostics_["min_ess_bulk"] > 0
