@@ -107,8 +107,9 @@ def run(cmd: list[str], timeout: float | None = None) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     usage = next((line.split()[1:] for line in p.stderr.splitlines() if line.startswith("@@rss")), None)
     rss = int(usage[0]) / 1024 if usage else float("nan")
-    cpu = float(usage[1]) + float(usage[2]) if usage and len(usage) == 3 else float("nan")
-    sys_s = float(usage[2]) if usage and len(usage) == 3 else float("nan")
+    cpu = sys_s = float("nan")
+    if usage and len(usage) == 3:
+        cpu, sys_s = float(usage[1]) + float(usage[2]), float(usage[2])
     out = next((json.loads(line) for line in reversed(p.stdout.splitlines()) if line.startswith("{")), {})
     return {"wall_s": wall, "rss_mib": rss, "cpu_s": cpu, "sys_s": sys_s, **out}
 

@@ -847,7 +847,6 @@ def _concat_draining(runs: list[np.ndarray]) -> np.ndarray:
         r = runs.pop()
         out[pos:pos + len(r)] = r
         pos += len(r)
-        del r
     return out
 
 

@@ -230,7 +230,7 @@ def _num(v) -> float | None:
 
 def _extreme(pick, *values) -> float | None:
     """max or min of the finite values, None if there are none (R-hat of a single chain is NaN)."""
-    finite = [float(v) for v in values if np.isfinite(float(v))]
+    finite = [v for v in map(_num, values) if v is not None]
     return pick(finite) if finite else None
 
 

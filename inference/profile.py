@@ -72,8 +72,7 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
             points.append((t, obj))
             top = max(top, obj)
             if top - obj > drop:   # crossed between prev_t and t
-                cross = _crossing(lambda u, s=start, m=top: m - refit(u, s)[0] - drop, prev_t, top - prev_obj - drop,
-                                  t, top - obj - drop, points, top, drop)
+                cross = _crossing(lambda u, s=start: refit(u, s)[0], top - drop, prev_t, prev_obj, t, obj, points)
                 ends[direction] = float(1 / (1 + np.exp(-cross)))
                 break
             if abs(obj - prev_obj) < drop / 4:     # the profile changes slowly here: longer steps
@@ -90,12 +89,12 @@ def profile_mu(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, fit: Gl
             "level": level, "warnings": warnings}
 
 
-def _crossing(f, t_in: float, f_in: float, t_out: float, f_out: float, points: list, top: float,
-              drop: float) -> float:
-    """Root of f between t_in (f < 0: inside the interval) and t_out (f > 0), by the Illinois method.
-
-    Each evaluation of f is a refit; its (t, l_p) is added to ``points``.
-    """
+def _crossing(objective, cut: float, t_in: float, obj_in: float, t_out: float, obj_out: float,
+              points: list) -> float:
+    """Where the profile ``objective`` (a refit per call) falls to ``cut``, between t_in (above it: inside the
+    interval) and t_out (below it), by the Illinois method on f(t) = cut - objective(t). Each refit's (t, l_p)
+    is added to ``points``."""
+    f_in, f_out = cut - obj_in, cut - obj_out
     last = 0                      # which end the previous guess replaced: +1 t_out, -1 t_in
     for _ in range(ROOT_ITERS):
         if abs(t_out - t_in) <= ROOT_T_TOL:
@@ -103,8 +102,9 @@ def _crossing(f, t_in: float, f_in: float, t_out: float, f_out: float, points: l
         guess = t_out - f_out * (t_out - t_in) / (f_out - f_in)
         if not min(t_in, t_out) < guess < max(t_in, t_out):
             guess = 0.5 * (t_in + t_out)
-        f_g = f(guess)
-        points.append((guess, top - drop - f_g))
+        obj = objective(guess)
+        points.append((guess, obj))
+        f_g = cut - obj
         if abs(f_g) <= ROOT_F_TOL:
             return guess
         if f_g > 0:
