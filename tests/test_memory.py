@@ -1,4 +1,5 @@
-"""The console script keeps large freed blocks in the heap (glibc's mallopt), and can be told not to."""
+"""The process's runtime settings: large freed blocks stay in the heap (glibc's mallopt, the console script, can
+be turned off); OpenMP threads spin briefly before they sleep (heedful/__init__.py)."""
 
 import os
 import subprocess
@@ -42,3 +43,16 @@ def test_the_console_script_sets_it(monkeypatch):
     monkeypatch.setattr(cli.os, "_exit", lambda code: calls.append(("exit", code)))
     cli.entry()
     assert calls == [1, ("exit", 0)]
+
+
+WAIT_PROBE = "import os, heedful, torch; print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])"
+
+
+@pytest.mark.parametrize("given, expected", [({}, ["PASSIVE", "10000"]),
+                                             ({"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "ACTIVE"}, ["ACTIVE", "0"])])
+def test_openmp_threads_spin_briefly_before_sleeping_unless_told_otherwise(given, expected):
+    """heedful sets the wait before torch loads OpenMP: passive, after GOMP_SPINCOUNT spins; a user's own wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", WAIT_PROBE], capture_output=True, text=True, check=True,
+                         env={**env, **given}).stdout.split()
+    assert out == expected
