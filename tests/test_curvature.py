@@ -136,6 +136,32 @@ def test_warm_start_from_a_user_sample_reaches_the_same_maximum(monkeypatch, pri
     np.testing.assert_allclose(warm.cov, cold.cov, rtol=2e-3, atol=1e-6)
 
 
+def test_the_last_bfgs_step_is_left_to_the_newton_check(monkeypatch):
+    """A BFGS step that predicts less than QN_LAST_GAIN is taken without a pass over the data of its own: fewer
+    full-data passes, and the Newton check there passes at once, at the maximum of the climb that evaluates it."""
+    stats, plan = _ridge_setup()
+    spec = global_spec(stats, Priors())
+    monkeypatch.setattr(G, "WARM_FACTOR", 4)
+    monkeypatch.setattr(G, "WARM_USERS", 1024)
+    passes, newton_steps = [], []
+    value_grad, newton = M._value_grad, M._newton
+    monkeypatch.setattr(M, "_value_grad", lambda p, *a: passes.append(p is plan) or value_grad(p, *a))
+    monkeypatch.setattr(M, "_newton", lambda p, *a: (r := newton(p, *a), p is plan and newton_steps.append(r[4]))[0])
+
+    def fit(last_gain: float):
+        passes.clear(), newton_steps.clear()
+        monkeypatch.setattr(M, "QN_LAST_GAIN", last_gain)
+        return fit_marginal(stats, plan, spec), sum(passes), list(newton_steps)
+
+    default = M.QN_LAST_GAIN
+    evaluated, n_evaluated, _ = fit(0.0)                  # every BFGS step evaluated, as before
+    left, n_left, steps = fit(default)
+    assert n_left < n_evaluated
+    assert steps == [0] and left.converged                # the check took no step: the unevaluated one was enough
+    assert left.objective == pytest.approx(evaluated.objective, abs=M.NEWTON_GAIN)
+    np.testing.assert_allclose(left.cov, evaluated.cov, rtol=1e-2, atol=1e-6)
+
+
 def test_a_warm_start_that_misleads_falls_back_to_the_cold_climb(monkeypatch):
     stats, plan = _ridge_setup()
     spec = global_spec(stats, Priors())
