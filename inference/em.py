@@ -327,18 +327,18 @@ class _Profile:
         self.E = E = first.shape[0]
         n_sm = cnt * self.s_m[kind]
         self.by_entry = csr_tensor(torch.cat([first, first.new_full((1,), start.shape[0])]).to(index),
-                             torch.arange(C, device=dev, dtype=index) if fc is None else fc.to(index),
-                             n_sm if fc is None else n_sm[fc], (E, C))
+                                   self.by_user.col_indices() if fc is None else fc.to(index),   # 0 .. C-1: shared
+                                   n_sm if fc is None else n_sm[fc], (E, C))
         del start, n_sm, pair
-        self.entry_user = cu_f[first]
-        self.entry_col = col_of_pair[pair_f[first]]
+        # per entry: its user and column of V, in the index dtype (they index and count, never take part in sums)
+        self.entry_user = cu_f[first].to(index)
+        self.entry_col = col_of_pair[pair_f[first]].to(index)
         del cu_f, pair_f, first
         self.crow_ue = _crow(self.entry_user, U, torch.int64)
-        self.entry_col_i = self.entry_col.to(index)
         if D > DENSE_SCHUR_COLS:
-            t_order = torch.argsort(self.entry_col * U + self.entry_user)
+            t_order = torch.argsort(self.entry_col * U + self.entry_user)   # < P U, within the index dtype
             self.t_order = t_order
-            self.t_index = torch.stack([self.entry_col[t_order], self.entry_user[t_order]])
+            self.t_index = torch.stack([self.entry_col[t_order], self.entry_user[t_order]]).long()
         else:   # blocks of `rows` users, [rows, D] dense, at most SCHUR_CHUNK entries
             rows = max(1, SCHUR_CHUNK // max(D, 1))
             bounds = list(range(0, U, rows)) + [U]
@@ -346,8 +346,8 @@ class _Profile:
             self.chunks = list(zip(bounds[:-1], bounds[1:], ce[:-1], ce[1:], strict=True))
             self.entry_local = (self.entry_user % rows) * D + self.entry_col   # position in its block
             self.schur_buf = torch.zeros(min(U, rows) * max(D, 1), dtype=dt, device=dev)
-        n_buf = 7 if self.learn_rho else 6
-        self.b_c, self.b_d, self.b_e, self.b_q, self.b_r, self.b_t, *rest = (
+        n_buf = 6 if self.learn_rho else 5
+        self.b_c, self.b_d, self.b_q, self.b_r, self.b_t, *rest = (
             torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))
         self.b_u = rest[0] if rest else None
         gold_a, gold_n = plan.gold_a.cpu().double().numpy(), plan.gold_n.cpu().double().numpy()
@@ -369,12 +369,12 @@ class _Profile:
 
     def cell_pass(self, eta: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per user sum n d/q and sum n (d/q)^2 for all users, or for ``users`` over their cells only;
-        b_e and b_q keep e = eta[cu] and q = c + e d of the cells passed over."""
-        b_c, b_d, b_e, b_q, b_r, b_t = self.b_c, self.b_d, self.b_e, self.b_q, self.b_r, self.b_t
+        b_q keeps q = c + e d (e = eta[cu]) of the cells passed over."""
+        b_c, b_d, b_q, b_r, b_t = self.b_c, self.b_d, self.b_q, self.b_r, self.b_t
         if users is None:
             self.passes += 1
-            torch.index_select(eta, 0, self.cu, out=b_e)
-            torch.addcmul(b_c, b_d, b_e, out=b_q)
+            torch.index_select(eta, 0, self.cu, out=b_t)                  # e, until q is formed
+            torch.addcmul(b_c, b_d, b_t, out=b_q)
             torch.div(b_d, b_q, out=b_r)
             return self.by_user @ b_r, self.by_user @ torch.mul(b_r, b_r, out=b_t)
         starts = self.crow[users]
@@ -388,7 +388,7 @@ class _Profile:
         q = torch.addcmul(b_c[idx], d, e)
         r = d.div_(q)
         sub = run_sum_matrix(crow, self.cnt[idx], self.index)
-        b_e[idx], b_q[idx] = e, q
+        b_q[idx] = q
         return sub @ r, sub @ r.square_()
 
     def objective(self, eta: torch.Tensor) -> float:
@@ -469,7 +469,7 @@ class _Profile:
         step each user has left) for eta*(theta + dx) ~ eta + r + w V dx.
 
         eta may be off eta* by r: dG/dtheta = F_theta + V^T r then holds to second order in r."""
-        b_e, b_q, b_t, b_s, b_u = self.b_e, self.b_q, self.b_t, self.b_r, self.b_u
+        b_q, b_t, b_s, b_u = self.b_q, self.b_t, self.b_r, self.b_u
         D, F, nf, U = self.D, self.free, len(self.free), self.U
         dev, kinds, s_m, s_c = self.dev, self.plan.kinds, self.s_m, self.s_c
         n_kinds = kinds.pair.shape[0]
@@ -482,12 +482,13 @@ class _Profile:
             out = torch.zeros(self.P, dtype=self.dt, device=dev).index_add_(0, kinds.pair, x_kind)
             return out[free].cpu().double().numpy()
 
-        torch.div(b_e, b_q, out=b_t)                                  # x = e / q = d log q / d m
+        # eta is the point of the last pass over every cell (b_q holds its q): e = eta[cu] again
+        torch.index_select(eta, 0, self.cu, out=b_t).div_(b_q)       # x = e / q = d log q / d m
         grad, H = np.zeros(D), np.zeros((D, D))
         grad[:nf] = per_pair(per_kind(b_t) * s_m)
         vr = None
         if self.learn_rho:
-            torch.neg(b_e, out=b_u).add_(1).div_(b_q)                 # z = (1 - e) / q = d log q / d c
+            torch.index_select(eta, 0, self.cu, out=b_u).neg_().add_(1).div_(b_q)   # z = (1 - e) / q = d log q / d c
             grad[-1] = float((per_kind(b_u) * s_c).sum())
             H[:-1, -1] = H[-1, :-1] = -per_pair(per_kind(torch.mul(b_t, b_u, out=b_s)) * s_m * s_c)
             H[-1, -1] = -float((per_kind(b_u.square_()) * s_c.square()).sum())
@@ -510,12 +511,12 @@ class _Profile:
         r = torch.where(hit, (eta + r).clamp(0, self.ub) - eta, r)
         w = torch.where(hit, 0.0, w)
         if vr is not None:   # V with the rho column: entries per (user, pair) and one per user
-            rows = torch.cat([self.entry_user, torch.arange(U, device=dev)])
+            rows = torch.cat([self.entry_user, torch.arange(U, device=dev, dtype=self.index)])
             order = torch.argsort(rows, stable=True)
-            col = torch.cat([self.entry_col, torch.full((U,), D - 1, device=dev)])[order].to(self.index)
+            col = torch.cat([self.entry_col, torch.full((U,), D - 1, device=dev, dtype=self.index)])[order]
             V = csr_tensor(_crow(rows[order], U, self.index), col, torch.cat([ve, vr])[order], (U, D))
         else:
-            V = csr_tensor(self.crow_ue.to(self.index), self.entry_col_i, ve, (U, D))
+            V = csr_tensor(self.crow_ue.to(self.index), self.entry_col, ve, (U, D))
         S, corr = self.schur(w, r, ve, vr)
         return grad + corr, H + S, w, V, r
 
