@@ -350,6 +350,7 @@ class _Profile:
         self.b_c, self.b_d, self.b_q, self.b_r, self.b_t, *rest = (
             torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))
         self.b_u = rest[0] if rest else None
+        self.b_v = None     # V's values, per entry (the curvature's; V is used before the next one replaces them)
         gold_a, gold_n = plan.gold_a.cpu().double().numpy(), plan.gold_n.cpu().double().numpy()
         self.gold_terms = (gold_a + spec.mu_alpha - 1, gold_n - gold_a + spec.mu_beta - 1)
         self.at, self.bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
@@ -495,7 +496,9 @@ class _Profile:
             torch.add(self.b_c, self.b_d, out=b_u).div_(b_q).div_(b_q)   # m / q^2
             vr = -(self.by_user @ b_u.mul_(torch.index_select(s_c, 0, self.kind, out=b_s)))
         H[range(nf), range(nf)] = -per_pair(per_kind(b_t.square_()) * s_m.square())
-        ve = self.by_entry @ torch.div(self.b_c, b_q, out=b_t).div_(b_q)   # c / q^2
+        if self.b_v is None:
+            self.b_v = torch.empty(self.E, dtype=self.dt, device=dev)
+        ve = torch.mv(self.by_entry, torch.div(self.b_c, b_q, out=b_t).div_(b_q), out=self.b_v)   # c / q^2
         ga, gb = self.gold_terms
         mf = mu[F]
         grad[:nf] += ga[F] / mf - gb[F] / (1 - mf)
