@@ -152,6 +152,43 @@ def test_user_marginals_sum_to_total_without_gold():
     assert float(user_log_marginal(plan, *g).sum()) == pytest.approx(float(log_marginal(plan, *g)), abs=1e-10)
 
 
+def _assert_same_csr(x, y):
+    """Two CSR matrices, or two blocked transposes, with the same blocks, row pointers and column indices."""
+    xs = x.blocks if hasattr(x, "blocks") else [(0, x.shape[1], x)]
+    ys = y.blocks if hasattr(y, "blocks") else [(0, y.shape[1], y)]
+    assert [(u0, u1) for u0, u1, _ in xs] == [(u0, u1) for u0, u1, _ in ys]
+    for (_, _, a), (_, _, b) in zip(xs, ys, strict=True):
+        assert torch.equal(a.crow_indices(), b.crow_indices()) and torch.equal(a.col_indices(), b.col_indices())
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 10**9])
+def test_the_blocked_transpose_is_the_incidence_transposed(monkeypatch, block):
+    """The transpose in CSR blocks of ``block`` users (uneven last block, one block, a block per user): the dense
+    matrix is the incidence's transpose, and products with it (matrices and vectors) are the dense products; the
+    marginal's gradient through it is that of one block."""
+    import heedful.model.likelihood as L
+    from heedful.simulate import default_pairs, simulate
+
+    stats = vote_stats(simulate(300, 9, pairs=default_pairs(3, 0.8), vote_counts="geometric", seed=6).votes)
+    one = build_plan(stats, torch.device("cpu"), F64)
+    monkeypatch.setattr(L, "TRANSPOSE_BLOCK", block)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    gen = torch.Generator().manual_seed(0)
+    for bk in plan.buckets:
+        n = bk.incidence.shape[0]
+        t = bk.incidence_t
+        assert t.shape == (bk.incidence.shape[1], n) and len(t.blocks) == -(-n // min(block, n))
+        assert torch.equal(t.to_dense(), bk.incidence.to_dense().T)
+        for x in (torch.rand(n, 5, dtype=F64, generator=gen), torch.rand(n, dtype=F64, generator=gen)):
+            torch.testing.assert_close(t @ x, bk.incidence.to_dense().T @ x, rtol=1e-13, atol=1e-13)
+    grads = []
+    for p in (one, plan):
+        mu = torch.tensor([0.7, 0.8, 0.9], dtype=F64, requires_grad=True)
+        log_marginal(p, torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64), mu).backward()
+        grads.append(mu.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-10)
+
+
 def test_transpose_built_in_the_background_is_the_same(monkeypatch):
     """A large bucket's incidence transpose comes from a background thread: the same CSR as built inline,
     the same marginal and gradient through it; an error in the build is raised where the transpose is used."""
@@ -172,12 +209,11 @@ def test_transpose_built_in_the_background_is_the_same(monkeypatch):
         grads.append(mu.grad)
     assert torch.equal(grads[0], grads[1])
     for x, y in zip(inline.buckets, deferred.buckets, strict=True):
-        assert torch.equal(x.incidence_t.crow_indices(), y.incidence_t.crow_indices())
-        assert torch.equal(x.incidence_t.col_indices(), y.incidence_t.col_indices())
-        assert isinstance(y.transpose, torch.Tensor)          # resolved once, kept
+        _assert_same_csr(x.incidence_t, y.incidence_t)
+        assert isinstance(y.transpose, L.BlockedTranspose)    # resolved once, kept
         for bk in (x, y):                                      # one tensor of ones is the values of both
-            assert bk.incidence.values().data_ptr() == bk.incidence_t.values().data_ptr()
-            assert bool((bk.incidence_t.values() == 1).all())
+            assert bk.incidence.values().data_ptr() == bk.incidence_t.blocks[0][2].values().data_ptr()
+            assert all(bool((m.values() == 1).all()) for _, _, m in bk.incidence_t.blocks)
 
     def broken(*args):
         raise MemoryError("no room for the transpose")
@@ -214,8 +250,7 @@ def test_plan_is_the_same_whichever_way_buckets_are_found(monkeypatch, vote_coun
                 X, Y = getattr(x, m), getattr(y, m)
                 assert torch.equal(X.to_dense(), Y.to_dense())
                 if exact:
-                    assert torch.equal(X.crow_indices(), Y.crow_indices())
-                    assert torch.equal(X.col_indices(), Y.col_indices())
+                    _assert_same_csr(X, Y)
         mu = torch.tensor([0.7, 0.8, 0.9], dtype=F64)
         a, b = torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64)
         assert float(log_marginal(other, a, b, mu)) == pytest.approx(float(log_marginal(by_sort, a, b, mu)), rel=1e-13)
