@@ -307,11 +307,19 @@ def _transpose(rows: np.ndarray, cols: np.ndarray, q: int, n_rows: int, ones: to
     """The transpose [q, n_rows] of the 0/1 matrix with entries (rows, cols), rows ascending, in CSR blocks of
     ``block`` rows: one stable radix sort of the entries by (block of the row, column)."""
     n_blocks = max(1, -(-n_rows // block))
-    key = cols if n_blocks == 1 else (rows // block) * q + cols
+    index = np.int32 if max(n_rows, n_blocks * q) < 2**31 - 1 else np.int64   # keys and columns: int32 mostly
+    if n_blocks == 1:
+        key = cols
+    else:                                     # (row // block) q + col, formed in place
+        key = np.empty(len(rows), dtype=index)
+        np.floor_divide(rows, block, out=key, casting="unsafe")
+        key *= q
+        np.add(key, cols, out=key, casting="unsafe")
     order = _small_sort(key) if n_blocks * q < 1 << 15 else np.argsort(key, kind="stable")
     counts = np.bincount(key, minlength=n_blocks * q).reshape(n_blocks, q)
     del key
-    local = rows[order]
+    local = rows.astype(index)[order]         # the blocks' column indices (views of it)
+    del order
     if n_blocks > 1:
         local %= block
     ends = np.cumsum(counts.sum(1))
