@@ -350,7 +350,8 @@ class _Profile:
         self.b_c, self.b_d, self.b_q, self.b_r, self.b_t, *rest = (
             torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))
         self.b_u = rest[0] if rest else None
-        self.b_v = None     # V's values, per entry (the curvature's; V is used before the next one replaces them)
+        # V's values per entry, written by each curvature (V is used before the next one replaces them)
+        self.b_v = torch.empty(E, dtype=dt, device=dev) if D else None
         gold_a, gold_n = plan.gold_a.cpu().double().numpy(), plan.gold_n.cpu().double().numpy()
         self.gold_terms = (gold_a + spec.mu_alpha - 1, gold_n - gold_a + spec.mu_beta - 1)
         self.at, self.bt = torch.tensor(float(a), dtype=dt, device=dev), torch.tensor(float(b), dtype=dt, device=dev)
@@ -483,21 +484,21 @@ class _Profile:
             out = torch.zeros(self.P, dtype=self.dt, device=dev).index_add_(0, kinds.pair, x_kind)
             return out[free].cpu().double().numpy()
 
-        # eta is the point of the last pass over every cell (b_q holds its q): e = eta[cu] again
-        torch.index_select(eta, 0, self.cu, out=b_t).div_(b_q)       # x = e / q = d log q / d m
+        # eta is the point of the last pass over every cell (b_q holds its q): e = eta[cu] again, kept in b_u
+        # for z below when rho is learned
+        e = torch.index_select(eta, 0, self.cu, out=b_u if self.learn_rho else b_t)
+        torch.div(e, b_q, out=b_t)                                    # x = e / q = d log q / d m
         grad, H = np.zeros(D), np.zeros((D, D))
         grad[:nf] = per_pair(per_kind(b_t) * s_m)
         vr = None
         if self.learn_rho:
-            torch.index_select(eta, 0, self.cu, out=b_u).neg_().add_(1).div_(b_q)   # z = (1 - e) / q = d log q / d c
+            b_u.neg_().add_(1).div_(b_q)                              # z = (1 - e) / q = d log q / d c
             grad[-1] = float((per_kind(b_u) * s_c).sum())
             H[:-1, -1] = H[-1, :-1] = -per_pair(per_kind(torch.mul(b_t, b_u, out=b_s)) * s_m * s_c)
             H[-1, -1] = -float((per_kind(b_u.square_()) * s_c.square()).sum())
             torch.add(self.b_c, self.b_d, out=b_u).div_(b_q).div_(b_q)   # m / q^2
             vr = -(self.by_user @ b_u.mul_(torch.index_select(s_c, 0, self.kind, out=b_s)))
         H[range(nf), range(nf)] = -per_pair(per_kind(b_t.square_()) * s_m.square())
-        if self.b_v is None:
-            self.b_v = torch.empty(self.E, dtype=self.dt, device=dev)
         ve = torch.mv(self.by_entry, torch.div(self.b_c, b_q, out=b_t).div_(b_q), out=self.b_v)   # c / q^2
         ga, gb = self.gold_terms
         mf = mu[F]

@@ -173,8 +173,9 @@ def _quasi_newton(plan: QuadraturePlan, coords: RidgeCoordinates, psi: torch.Ten
         gain = 0.5 * float(g @ step)
         if gain <= QN_GAIN:
             break
+        step_t = torch.as_tensor(step, dtype=psi.dtype, device=psi.device)
         if gain <= QN_LAST_GAIN:
-            cand = psi + torch.as_tensor(step, dtype=psi.dtype, device=psi.device)
+            cand = psi + step_t
             if _valid(coords, cand):
                 psi = cand
                 if on_step:
@@ -182,7 +183,7 @@ def _quasi_newton(plan: QuadraturePlan, coords: RidgeCoordinates, psi: torch.Ten
             break
         t = 1.0
         for _ in range(8):
-            cand = psi + t * torch.as_tensor(step, dtype=psi.dtype, device=psi.device)
+            cand = psi + t * step_t
             fn, gn = _value_grad(plan, coords, cand)
             if np.isfinite(fn) and fn >= f:
                 break
