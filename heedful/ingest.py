@@ -2,10 +2,10 @@
 
 A Parquet, CSV or TSV file (or many files, a folder or a glob) is read in parts (Parquet row groups,
 else record batches of ``chunk_rows`` rows), only the columns the model needs. Worker threads read
-and encode the parts: the id columns are dictionary-encoded with Arrow, the few distinct model and
-choice values are checked and mapped in Python, user and vote ids are hashed (64 bits) and the
-users looked up in a snapshot of the :class:`UserIndex`. The main thread counts the parts in input
-order: every row becomes one integer key
+and encode the parts: the few distinct model and choice values are dictionary-encoded with Arrow,
+checked and mapped in Python, and user and vote ids are hashed (64 bits). The main thread counts the
+parts in input order: it numbers the users with the :class:`UserIndex` (a hash table of the user
+hashes, confirmed on the ids), and every row becomes one integer key
 
     key = user << 32 | kind,    kind = ((pair * 2 + pick_a) * 3 + first) * 3 + gold
 
@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from pandas._libs.hashtable import UInt64HashTable, UInt64Vector  # an incremental khash map (pandas >= 1.0)
 
 from heedful.errors import InputError
 from heedful.suffstats import KINDS_PER_PAIR, N_FIRST, N_GOLD, VoteStats
@@ -240,7 +241,7 @@ class _Fallback(Exception):
 class _Batch:
     """One batch as arrays: local user codes and their values, local pairs, and the kind fields."""
 
-    user: np.ndarray                 # int64 [n] codes into ``user_values``
+    user: np.ndarray | None          # int64 [n] codes into ``user_values``; None: ``user_values`` is per row
     user_values: pa.Array
     pair: np.ndarray                 # int64 [n] codes into ``pairs``
     pairs: list[tuple[str, str]]
@@ -250,7 +251,6 @@ class _Batch:
     gold_known: np.ndarray           # bool [n]
     gold_canon_a: np.ndarray         # bool [n]
     user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
-    user_known: np.ndarray | None = None   # global codes found in a snapshot of the user index (-1: not found)
     id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids, sorted
 
 
@@ -295,10 +295,8 @@ def _encode_fast(batch: pa.RecordBatch) -> _Batch:
     user_col = batch.column("user_id")
     if not (_is_text(user_col.type) or pa.types.is_integer(user_col.type)) or user_col.null_count:
         raise _Fallback
-    uenc = pc.dictionary_encode(user_col)
-    if _is_text(user_col.type) and _any_blank(uenc.dictionary):
+    if _is_text(user_col.type) and _any_blank(user_col):
         raise _Fallback
-    user = uenc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     ca, va = _dict(batch.column("model_a"))
     cb, vb = _dict(batch.column("model_b"))
     if (ca < 0).any() or (cb < 0).any() or any(isinstance(v, float) for v in va + vb):
@@ -331,14 +329,14 @@ def _encode_fast(batch: pa.RecordBatch) -> _Batch:
     names = batch.schema.names
     sf = _small(batch.column("shown_first"), False, _SIDE) if "shown_first" in names else None
     gd = _small(batch.column("gold"), False, _SIDE) if "gold" in names else None
-    return _kinds(user, uenc.dictionary, pair, pairs, flipped, choice, sf, gd)
+    return _kinds(None, user_col, pair, pairs, flipped, choice, sf, gd)
 
 
-def _kinds(user: np.ndarray, user_values: pa.Array, pair: np.ndarray, pairs: list[tuple[str, str]],
+def _kinds(user: np.ndarray | None, user_values: pa.Array, pair: np.ndarray, pairs: list[tuple[str, str]],
            flipped: np.ndarray, choice: np.ndarray, sf: np.ndarray | None, gd: np.ndarray | None) -> _Batch:
     """The kind fields of :func:`heedful.suffstats.vote_stats` from codes (choice 0 a, 1 b, 2 tie; sides 1 a, 2 b)."""
     pick_a = (choice == 0) ^ flipped
-    n = len(user)
+    n = len(pair)
     if sf is None:
         first = np.zeros(n, dtype=np.int64)
     else:
@@ -483,19 +481,24 @@ def duplicate_id_error(ids: pd.Series, rows: list[int], sources: list, label: st
 # -- users --------------------------------------------------------------------------------------------
 @dataclass
 class UserIndex:
-    """Global user codes in order of first appearance, looked up through sorted 64-bit hashes of the ids.
+    """Global user codes in order of first appearance, through a hash table of 64-bit id hashes.
 
-    The hashes live in a few sorted runs (a new batch's users form a run; runs of similar size are
-    merged, so there are O(log users) of them and each hash is merged O(log users) times). Each lookup
-    is confirmed on the ids themselves (a found code must hold an equal id, new ids must be distinct);
-    should two distinct ids ever share a hash, the index falls back to exact matching with Arrow's
-    ``index_in`` for good. Cost per batch: O(distinct ids x log users), never O(users).
+    :meth:`codes` takes a batch's ids (every row, repeats allowed) with their :func:`hash_ids` and, in one
+    pass in input order, finds the known ids and numbers the new ones n, n + 1, ... by first appearance
+    (pandas' ``UInt64HashTable.get_labels``, which releases the GIL). String ids are confirmed on the ids
+    themselves (``ids[code] == id`` for every row); should two distinct ids ever share a hash, the index
+    switches to exact matching with Arrow's ``index_in`` for good. Integers hash to themselves, so their
+    codes need no check. Cost per batch: O(rows), never O(users). The table is not pickled (a builder
+    travels between Dask processes); it is rebuilt from the ids on first use.
     """
 
     chunks: list[pa.Array] = field(default_factory=list)
     n: int = 0
-    runs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)   # (sorted hashes, their codes)
     exact: bool = False
+    table: UInt64HashTable | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "table": None}
 
     @property
     def type(self) -> pa.DataType | None:
@@ -514,47 +517,15 @@ class UserIndex:
             self.chunks = [pa.concat_arrays(self.chunks)]
         return pa.chunked_array(self.chunks, type=self.type)
 
-    def snapshot(self) -> UserIndex:
-        """A frozen copy for lookups in another thread (arrays are replaced, never changed, as the index grows)."""
-        return UserIndex(list(self.chunks), self.n, list(self.runs), self.exact)
+    def _table(self) -> UInt64HashTable:
+        if self.table is None:
+            self.table = UInt64HashTable(max(2 * self.n, 1 << 10))
+            if self.n:
+                self.table.map_locations(hash_ids(self.values()))
+        return self.table
 
-    def _find(self, h: np.ndarray) -> np.ndarray:
-        """Code of each hash in the runs, -1 where absent (needles sorted once: each search walks a run once)."""
-        order = np.argsort(h)
-        hs, left = h[order], order             # the needles not found yet, sorted
-        out = np.full(len(h), -1, np.int64)
-        for rh, rc in self.runs:               # largest run first: later runs see few needles
-            pos = np.minimum(np.searchsorted(rh, hs), len(rh) - 1)
-            hit = rh[pos] == hs
-            out[left[hit]] = rc[pos[hit]]
-            if hit.all():
-                break
-            hs, left = hs[~hit], left[~hit]
-        return out
-
-    def _confirmed(self, out: np.ndarray, values: pa.Array) -> bool:
-        """Whether the ids of the found codes equal the looked-up ids."""
-        found = out >= 0
-        return not found.any() or pc.all(pc.equal(self._ids().take(pa.array(out[found])),
-                                                  values.filter(pa.array(found)))).as_py()
-
-    def lookup(self, values: pa.Array, h: np.ndarray) -> np.ndarray | None:
-        """Codes of the ``values`` already known (-1 for the others), confirmed on the ids; None: not usable."""
-        if self.exact or not self.n or values.type != self.type:
-            return None
-        out = self._find(h)
-        return out if self._confirmed(out, values) else None
-
-    def codes(self, values: pa.Array, h: np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
-        """Codes of distinct ``values`` (adding the new ones, in their order); ``h``: their hash_ids;
-        ``known``: codes a :meth:`snapshot` already found (-1 elsewhere), which stay valid as the index grows."""
-        if known is not None and self.chunks and values.type == self.type and not self.exact:
-            rest = known < 0
-            if not rest.any():
-                return known
-            out = known.copy()
-            out[rest] = self.codes(values.filter(pa.array(rest)), h[rest])
-            return out
+    def codes(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
+        """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids."""
         if self.chunks and values.type != self.type:
             try:
                 values = values.cast(self.type)
@@ -565,50 +536,47 @@ class UserIndex:
         if self.exact:
             return self._codes_exact(values)
         h = hash_ids(values) if h is None else h
-        out = self._find(h) if self.runs else np.full(len(h), -1, np.int64)
+        n0, added = self.n, UInt64Vector()
+        out = self._table().get_labels(h, added, n0, -1)
+        if len(added):
+            seen = np.maximum.accumulate(out)       # new codes first appear in increasing order
+            first = np.flatnonzero(out[1:] > np.maximum(seen[:-1], n0 - 1)) + 1
+            first = np.concatenate([[0], first]) if out[0] >= n0 else first
+            self.chunks.append(values.take(pa.array(first)))
+            self.n += len(added)
         if not self._confirmed(out, values):
+            if len(added):
+                self.chunks.pop()
+            self.n = n0
             return self._collision(values)
-        new = np.flatnonzero(out < 0)          # ascending: the order of first appearance
-        if len(new):
-            hn = h[new]
-            o = np.argsort(hn)
-            hs = hn[o]
-            if (hs[1:] == hs[:-1]).any():      # two new ids share a hash
-                return self._collision(values)
-            codes = self.n + np.arange(len(new), dtype=np.int64)
-            out[new] = codes
-            self.chunks.append(values.take(pa.array(new)))
-            self.n += len(new)
-            self._add_run(hs, codes[o])
         return out
 
-    def _add_run(self, h: np.ndarray, c: np.ndarray) -> None:
-        """Add a sorted run; merge the last runs while the newest is at least half the one before."""
-        self.runs.append((h, c))
-        while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
-            (h1, c1), (h2, c2) = self.runs[-2], self.runs.pop()
-            hh = np.concatenate([h1, h2])
-            o = np.argsort(hh, kind="stable")      # timsort: a linear merge of two sorted runs
-            self.runs[-1] = (hh[o], np.concatenate([c1, c2])[o])
+    def _confirmed(self, out: np.ndarray, values: pa.Array) -> bool:
+        """Whether every looked-up id equals the id its code stands for (integer ids: always)."""
+        if pa.types.is_integer(values.type) or not len(out):
+            return True
+        return bool(pc.all(pc.equal(self._ids().take(pa.array(out)), values)).as_py())
 
     def _collision(self, values: pa.Array) -> np.ndarray:
         self.exact = True
-        self.runs = []
+        self.table = None
         return self._codes_exact(values)
 
     def _codes_exact(self, values: pa.Array) -> np.ndarray:
+        enc = pc.dictionary_encode(values)
+        distinct, rows = enc.dictionary, enc.indices.to_numpy(zero_copy_only=False)
         known = self.values()
         if known is None:
-            self.chunks, self.n = [values], len(values)
-            return np.arange(len(values), dtype=np.int64)
-        idx = pc.index_in(values, value_set=known)
+            self.chunks, self.n = [distinct], len(distinct)
+            return rows.astype(np.int64)
+        idx = pc.index_in(distinct, value_set=known)
         new = idx.is_null().to_numpy(zero_copy_only=False)
         out = idx.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         if new.any():
             out[new] = self.n + np.arange(int(new.sum()))
-            self.chunks.append(values.filter(pa.array(new)))
+            self.chunks.append(distinct.filter(pa.array(new)))
             self.n += int(new.sum())
-        return out
+        return out[rows]
 
 
 # -- accumulation -------------------------------------------------------------------------------------
@@ -642,10 +610,9 @@ class StatsBuilder:
         """Every user's id, in order of first appearance."""
         return self.index.values()
 
-    def _global_users(self, values: pa.Array, h: np.ndarray | None = None,
-                      known: np.ndarray | None = None) -> np.ndarray:
-        """Global codes (first appearance order) of a batch's distinct user values, adding the new ones."""
-        return self.index.codes(values, h, known)
+    def _global_users(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
+        """Global codes (first appearance order) of a batch's user values, adding the new ones."""
+        return self.index.codes(values, h)
 
     def _grow(self, arr: np.ndarray, n: int) -> np.ndarray:
         return arr if len(arr) >= n else np.concatenate([arr, np.zeros(n - len(arr), np.int64)])
@@ -659,7 +626,8 @@ class StatsBuilder:
         return self.user_ties
 
     def add(self, b: _Batch) -> None:
-        user = self._global_users(b.user_values, b.user_hash, b.user_known)[b.user]
+        user = self._global_users(b.user_values, b.user_hash)
+        user = user if b.user is None else user[b.user]
         pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in b.pairs], dtype=np.int64)
         pair = pmap[b.pair] if len(pmap) else b.pair
         n_pairs = len(self.pairs)
@@ -873,7 +841,7 @@ def worker_threads() -> int:
     return max(1, min(8, n))
 
 
-def prepare_batch(batch: pa.RecordBatch, source: str, row0: int, users: UserIndex | None = None) -> _Batch:
+def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
     """Validate and encode one batch whose first row is row ``row0 + 1`` of ``source``; hash its ids.
 
     Needs no builder state, so batches are prepared in worker threads (Arrow and numpy release the GIL).
@@ -891,17 +859,15 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int, users: UserInde
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
         b.id_hash = np.sort(hash_ids(col))      # sorted here, in a worker: the final check merges sorted runs
     b.user_hash = hash_ids(b.user_values)
-    if users is not None:
-        b.user_known = users.lookup(b.user_values, b.user_hash)
     return b
 
 
-def _prepare_part(part: _Part, chunk_rows: int, users: UserIndex | None) -> list[_Batch]:
+def _prepare_part(part: _Part, chunk_rows: int) -> list[_Batch]:
     """Read (Parquet row groups) and prepare one part's batches, in a worker thread."""
     out, row0 = [], part.row0
     for batch in part.batches(chunk_rows):
         if batch.num_rows:
-            out.append(prepare_batch(batch, str(part.path), row0, users))
+            out.append(prepare_batch(batch, str(part.path), row0))
         row0 += batch.num_rows
     return out
 
@@ -937,8 +903,7 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
             for path in sources:
                 rows.append(0)
                 for part in _parts(path, chunk_rows):
-                    snap = builder.index.snapshot() if builder.n_users else None
-                    inflight.append(ex.submit(_prepare_part, part, chunk_rows, snap))
+                    inflight.append(ex.submit(_prepare_part, part, chunk_rows))
                     rows[-1] = part.row0 + part.rows
                     while len(inflight) > threads:
                         count(inflight.popleft())

@@ -215,11 +215,17 @@ def _first_appearance_codes(batches: list[list[str]]) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("collide", [False, True])
-def test_user_index_codes_in_order_of_first_appearance(collide):
+@pytest.mark.parametrize("repeats", [False, True])
+def test_user_index_codes_in_order_of_first_appearance(collide, repeats):
+    """Codes per row (ids may repeat within a batch), the new ids numbered by first appearance; a hash shared
+    by two distinct ids is caught on the ids and the index turns exact, with the same codes."""
     from heedful.ingest import UserIndex
     rng = np.random.default_rng(3)
     pool = [f"user-{i}" for i in range(300)]
-    batches = [list(dict.fromkeys(rng.choice(pool, size=120).tolist())) for _ in range(6)]
+    batches = [rng.choice(pool, size=120).tolist() for _ in range(6)]
+    if not repeats:
+        batches = [list(dict.fromkeys(b)) for b in batches]
+    assert repeats == any(len(set(b)) < len(b) for b in batches)
     index = UserIndex()
     for j, (b, want) in enumerate(zip(batches, _first_appearance_codes(batches), strict=True)):
         # collide: every id gets the same hash from the third batch on, which the index must notice
@@ -227,6 +233,23 @@ def test_user_index_codes_in_order_of_first_appearance(collide):
         np.testing.assert_array_equal(index.codes(pa.array(b), h), want)
     assert index.exact == collide
     assert index.values().to_pylist() == list(dict.fromkeys(v for b in batches for v in b))
+
+
+def test_user_index_survives_pickling_and_integer_ids():
+    """A pickled index (a builder sent between Dask processes) leaves its hash table behind and rebuilds it from
+    the ids, giving the same codes; integer ids (their own hashes) are numbered the same way."""
+    import pickle
+
+    from heedful.ingest import UserIndex
+    for pool in ([f"u{i}" for i in range(50)], list(range(1000, 1050))):
+        first, second = [pool[i] for i in (3, 1, 3, 7, 1)], [pool[i] for i in (9, 7, 3, 9, 0)]
+        index = UserIndex()
+        np.testing.assert_array_equal(index.codes(pa.array(first)), [0, 1, 0, 2, 1])
+        copy = pickle.loads(pickle.dumps(index))
+        assert copy.table is None and index.table is not None
+        for ix in (index, copy):
+            np.testing.assert_array_equal(ix.codes(pa.array(second)), [3, 2, 0, 3, 4])
+            assert ix.values().to_pylist() == [pool[i] for i in (3, 1, 7, 9, 0)]
 
 
 def test_threads_and_chunking_do_not_change_the_counts(tmp_path):
