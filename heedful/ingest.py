@@ -9,10 +9,10 @@ hashes, confirmed on the ids), and every row becomes one integer key
 
     key = user << 32 | kind,    kind = ((pair * 2 + pick_a) * 3 + first) * 3 + gold
 
-(``user`` numbered in order of first appearance, ``pair`` in order of appearance and renumbered in
-sorted order at the end). Keys are buffered and folded into unique (key, count) cells whenever the
-buffer passes max(``buffer_rows``, cells) (a sort of the new keys, split across threads, then a
-linear merge); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
+(``user`` numbered in order of first appearance, ``pair`` in order of appearance, a batch's new pairs
+sorted, and renumbered in sorted order at the end). Keys are buffered and folded into unique (key, count)
+cells whenever the buffer passes max(``buffer_rows``, cells) (a sort of the new keys, split across
+threads, then a linear merge); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
 bounded by about twice the cells (at most users x kinds) plus a few parts, never by the votes.
 
 The result is identical to ``vote_stats(read_votes(path))``: same users (in order of first
@@ -614,6 +614,14 @@ class StatsBuilder:
         """Global codes (first appearance order) of a batch's user values, adding the new ones."""
         return self.index.codes(values, h)
 
+    def _pair_codes(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Builder codes of a batch's pairs, the new ones numbered in sorted order: when every pair shows up in
+        the first batch (the usual case), the codes are already the final ones and :meth:`result` needs no
+        re-sort of the cells."""
+        for p in sorted(set(pairs) - self.pairs.keys()):
+            self.pairs[p] = len(self.pairs)
+        return np.array([self.pairs[p] for p in pairs], dtype=np.int64)
+
     def _grow(self, arr: np.ndarray, n: int) -> np.ndarray:
         return arr if len(arr) >= n else np.concatenate([arr, np.zeros(n - len(arr), np.int64)])
 
@@ -628,7 +636,7 @@ class StatsBuilder:
     def add(self, b: _Batch) -> None:
         user = self._global_users(b.user_values, b.user_hash)
         user = user if b.user is None else user[b.user]
-        pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in b.pairs], dtype=np.int64)
+        pmap = self._pair_codes(b.pairs)
         pair = pmap[b.pair] if len(pmap) else b.pair
         n_pairs = len(self.pairs)
         self.pair_ties, self.gold_a, self.gold_n = (self._grow(x, n_pairs) for x in
@@ -686,7 +694,7 @@ class StatsBuilder:
             self.n_rows += other.n_rows
             return self
         ucode = self._global_users(other.users)
-        pmap = np.array([self.pairs.setdefault(p, len(self.pairs)) for p in other.pairs], dtype=np.int64)
+        pmap = self._pair_codes(other.pairs)
         n_users, n_pairs = self.n_users, len(self.pairs)
         self.user_ties = self._ties()
         self.user_ties += np.bincount(ucode, weights=other._ties(), minlength=n_users).astype(np.int64)

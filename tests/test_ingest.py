@@ -266,6 +266,27 @@ def test_threads_and_chunking_do_not_change_the_counts(tmp_path):
             np.testing.assert_array_equal(getattr(other, name), getattr(one, name), err_msg=name)
 
 
+def test_pairs_first_seen_in_later_batches_are_renumbered_in_sorted_order():
+    """The first batch's pairs get their final (sorted) codes at once; a pair that sorts before them but shows up
+    only later makes result() renumber and re-sort the cells, which must still equal vote_stats."""
+    from heedful.ingest import add_batch
+
+    sim = simulate(300, 8, pairs=default_pairs(4, 0.8), tie_rate=0.05, seed=13)
+    v = sim.votes
+    first_pair = min(zip(v.model_a, v.model_b, strict=True), key=lambda p: tuple(sorted(p)))
+    late = (v.model_a.isin(first_pair) & v.model_b.isin(first_pair)).to_numpy()
+    v = pd.concat([v[~late], v[late]], ignore_index=True)      # the pair that sorts first comes last
+    table = pa.Table.from_pandas(v, preserve_index=False)
+    builder = StatsBuilder(buffer_rows=100, presort=True)
+    for i, batch in enumerate(table.to_batches(max_chunksize=250)):
+        add_batch(builder, batch, "v", 250 * i)
+    assert list(builder.pairs) != sorted(builder.pairs)
+    got, want = builder.result(), vote_stats(v)
+    assert got.pairs == want.pairs
+    for name in ("cell_user", "cell_kind", "cell_count", "pair_ties", "gold_n"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
 def test_builder_results_and_repeat_check_leave_it_counting(tmp_path):
     """result() and duplicate_ids() (which merges the id-hash runs in place) leave the builder able to take more
     batches: the final counts equal one pass over everything, in either order of the calls."""
