@@ -512,7 +512,8 @@ class UserIndex:
             self.chunks = [pa.concat_arrays(self.chunks)]
         return self.chunks[0]
 
-    def _ids(self) -> pa.ChunkedArray:
+    def ids(self) -> pa.ChunkedArray:
+        """Every user's id in code order, as an (immutable) chunked array."""
         if len(self.chunks) > 64:          # few chunks keep take() fast; joining them now and then is cheap
             self.chunks = [pa.concat_arrays(self.chunks)]
         return pa.chunked_array(self.chunks, type=self.type)
@@ -524,8 +525,9 @@ class UserIndex:
                 self.table.map_locations(hash_ids(self.values()))
         return self.table
 
-    def codes(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
-        """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids."""
+    def codes(self, values: pa.Array, h: np.ndarray | None = None, deferred: bool = False) -> np.ndarray:
+        """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids.
+        ``deferred``: the caller confirms string ids itself (:func:`_same_ids` on :meth:`ids` after the call)."""
         if self.chunks and values.type != self.type:
             try:
                 values = values.cast(self.type)
@@ -544,7 +546,7 @@ class UserIndex:
             first = np.concatenate([[0], first]) if out[0] >= n0 else first
             self.chunks.append(values.take(pa.array(first)))
             self.n += len(added)
-        if not self._confirmed(out, values):
+        if not deferred and not self._confirmed(out, values):
             if len(added):
                 self.chunks.pop()
             self.n = n0
@@ -553,9 +555,7 @@ class UserIndex:
 
     def _confirmed(self, out: np.ndarray, values: pa.Array) -> bool:
         """Whether every looked-up id equals the id its code stands for (integer ids: always)."""
-        if pa.types.is_integer(values.type) or not len(out):
-            return True
-        return bool(pc.all(pc.equal(self._ids().take(pa.array(out)), values)).as_py())
+        return pa.types.is_integer(values.type) or _same_ids(self.ids(), out, values)
 
     def _collision(self, values: pa.Array) -> np.ndarray:
         self.exact = True
@@ -577,6 +577,11 @@ class UserIndex:
             self.chunks.append(distinct.filter(pa.array(new)))
             self.n += int(new.sum())
         return out[rows]
+
+
+def _same_ids(ids: pa.ChunkedArray, codes: np.ndarray, values: pa.Array) -> bool:
+    """Whether ``ids[codes] == values`` row by row (``ids``: every user's id, in code order)."""
+    return not len(codes) or bool(pc.all(pc.equal(ids.take(pa.array(codes)), values)).as_py())
 
 
 # -- accumulation -------------------------------------------------------------------------------------
@@ -634,24 +639,27 @@ class StatsBuilder:
         return self.user_ties
 
     def add(self, b: _Batch) -> None:
-        user = self._global_users(b.user_values, b.user_hash)
-        user = user if b.user is None else user[b.user]
-        pmap = self._pair_codes(b.pairs)
-        pair = pmap[b.pair] if len(pmap) else b.pair
-        n_pairs = len(self.pairs)
-        self.pair_ties, self.gold_a, self.gold_n = (self._grow(x, n_pairs) for x in
+        """Count one batch (batches in input order)."""
+        self._absorb(_cells(self._assign(b), self.presort))
+
+    def _assign(self, b: _Batch, deferred: bool = False) -> _Assigned:
+        """The in-order part of counting a batch: the users' and pairs' codes in this builder (new ones added).
+        ``deferred``: string ids are not yet confirmed; :func:`_cells` confirms them (in any thread)."""
+        deferred = deferred and not self.index.exact and _is_text(b.user_values.type)
+        codes = self.index.codes(b.user_values, b.user_hash, deferred=deferred)
+        return _Assigned(b, codes, self._pair_codes(b.pairs), len(self.pairs),
+                         self.index.ids() if deferred else None)
+
+    def _absorb(self, c: _Cells) -> None:
+        """Add a batch's counts from :func:`_cells` (in any order: sums and a multiset of keys)."""
+        self.pair_ties, self.gold_a, self.gold_n = (self._grow(x, len(c.pair_ties)) for x in
                                                     (self.pair_ties, self.gold_a, self.gold_n))
-        self.tie_users.append(user[b.tie])      # counted at the end: a per-batch bincount would be O(users)
-        self.pair_ties += np.bincount(pair[b.tie], minlength=n_pairs)
-        self.gold_a += np.bincount(pair[b.gold_known & b.gold_canon_a], minlength=n_pairs)
-        self.gold_n += np.bincount(pair[b.gold_known], minlength=n_pairs)
-        live = ~b.tie
-        gold = np.where(b.gold_known, np.where(b.gold_canon_a == b.pick_a, 1, 2), 0)
-        kind = ((pair * 2 + b.pick_a) * N_FIRST + b.first) * N_GOLD + gold
-        key = (user[live] << 32) | kind[live]
-        self.pending.append((np.sort(key) if self.presort else key, None))
-        self.n_pending += len(key)
-        self.n_rows += len(user)
+        for mine, theirs in ((self.pair_ties, c.pair_ties), (self.gold_a, c.gold_a), (self.gold_n, c.gold_n)):
+            mine[:len(theirs)] += theirs
+        self.tie_users.append(c.tie_users)       # counted at the end: a per-batch bincount would be O(users)
+        self.pending.append((c.key, None))
+        self.n_pending += len(c.key)
+        self.n_rows += c.n_rows
         if self.n_pending >= max(self.buffer_rows, len(self.cell_key)):   # geometric: O(log) folds
             self._fold()
 
@@ -766,6 +774,50 @@ class StatsBuilder:
         if b.id_hash is not None:
             self.id_hashes.append(b.id_hash)
         self.add(b)
+
+
+@dataclass
+class _Assigned:
+    """A batch with its users' and pairs' codes in the builder; ``ids``: the builder's user ids then, when the
+    users' codes still need confirming on them."""
+
+    batch: _Batch
+    user_codes: np.ndarray           # int64, per row (batch.user is None) or per batch.user_values entry
+    pair_codes: np.ndarray           # int64 [batch pairs]
+    n_pairs: int
+    ids: pa.ChunkedArray | None = None
+
+
+@dataclass
+class _Cells:
+    """One batch's counts: its non-tie rows' keys (sorted when presorting) and the per-pair sums."""
+
+    key: np.ndarray
+    tie_users: np.ndarray
+    pair_ties: np.ndarray
+    gold_a: np.ndarray
+    gold_n: np.ndarray
+    n_rows: int
+
+
+class _Collision(Exception):
+    """Two distinct user ids share a hash (found by :func:`_cells`): the input is counted again, exactly."""
+
+
+def _cells(a: _Assigned, presort: bool) -> _Cells:
+    """Keys and sums of an assigned batch (no builder state, so any thread); confirms deferred user codes."""
+    b = a.batch
+    if a.ids is not None and not _same_ids(a.ids, a.user_codes, b.user_values):
+        raise _Collision
+    user = a.user_codes if b.user is None else a.user_codes[b.user]
+    pair = a.pair_codes[b.pair] if len(a.pair_codes) else b.pair
+    live = ~b.tie
+    gold = np.where(b.gold_known, np.where(b.gold_canon_a == b.pick_a, 1, 2), 0)
+    kind = ((pair * 2 + b.pick_a) * N_FIRST + b.first) * N_GOLD + gold
+    key = (user[live] << 32) | kind[live]
+    return _Cells(np.sort(key) if presort else key, user[b.tie], np.bincount(pair[b.tie], minlength=a.n_pairs),
+                  np.bincount(pair[b.gold_known & b.gold_canon_a], minlength=a.n_pairs),
+                  np.bincount(pair[b.gold_known], minlength=a.n_pairs), len(user))
 
 
 def _sort_parallel(x: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> np.ndarray:
@@ -892,19 +944,46 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
     Equal to ``vote_stats(read_votes(path))`` for one file, and to the vote_stats of the files'
     concatenation for many; raises InputError with validate_votes' one-line messages (the first bad
     row in input order, whatever the threads). Batches are read in order, validated and encoded by
-    ``threads`` workers (default :func:`worker_threads`), and counted in input order; at most
-    ``threads + 1`` batches are in flight, so memory stays bounded by the cells plus a few chunks.
+    ``threads`` workers (default :func:`worker_threads`); the main thread numbers their users and pairs
+    in input order, and the workers confirm the user codes on the ids and form and sort the keys. At
+    most ``threads + 1`` batches are in each stage, so memory stays bounded by the cells plus a few
+    chunks. Should two user ids share a hash, the input is counted again with exact matching.
     """
     sources = expand_sources(paths)
     label = str(paths) if isinstance(paths, (str, Path)) else ", ".join(map(str, sources))
     threads = threads or worker_threads()
-    builder = StatsBuilder(buffer_rows=buffer_rows, presort=threads < PARALLEL_SORT_THREADS)
+    try:
+        builder, rows = _count_parts(sources, chunk_rows, buffer_rows, threads, exact=False)
+    except _Collision:
+        builder, rows = _count_parts(sources, chunk_rows, buffer_rows, threads, exact=True)
+    if builder.n_rows == 0:
+        raise InputError(f"{label}: no rows (only a header)")
+    with ThreadPoolExecutor(1) as ex:           # the two final sorts side by side (numpy releases the GIL)
+        repeats = ex.submit(builder.duplicate_ids)
+        stats = builder.result()
+        if repeats.result():
+            e = _vote_id_error(sources, rows, str(sources[0]))
+            if e is not None:
+                raise e
+    return stats
+
+
+def _count_parts(sources: list[Path], chunk_rows: int, buffer_rows: int, threads: int,
+                 exact: bool) -> tuple[StatsBuilder, list[int]]:
+    """A builder holding every part of ``sources`` (and each file's row count), counted in input order."""
+    builder = StatsBuilder(buffer_rows=buffer_rows, index=UserIndex(exact=exact),
+                           presort=threads < PARALLEL_SORT_THREADS)
     rows: list[int] = []
-    inflight: deque[Future] = deque()
+    inflight: deque[Future] = deque()          # parts being read and prepared
+    counting: deque[Future] = deque()          # assigned batches whose keys are being formed
 
     def count(fut: Future) -> None:
         for b in fut.result():
-            builder.add_prepared(b)
+            if b.id_hash is not None:
+                builder.id_hashes.append(b.id_hash)
+            counting.append(ex.submit(_cells, builder._assign(b, deferred=True), builder.presort))
+            while len(counting) > threads:
+                builder._absorb(counting.popleft().result())
 
     with ThreadPoolExecutor(threads) as ex:
         try:
@@ -923,16 +1002,9 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
             raise
         while inflight:
             count(inflight.popleft())
-    if builder.n_rows == 0:
-        raise InputError(f"{label}: no rows (only a header)")
-    with ThreadPoolExecutor(1) as ex:           # the two final sorts side by side (numpy releases the GIL)
-        repeats = ex.submit(builder.duplicate_ids)
-        stats = builder.result()
-        if repeats.result():
-            e = _vote_id_error(sources, rows, str(sources[0]))
-            if e is not None:
-                raise e
-    return stats
+        while counting:
+            builder._absorb(counting.popleft().result())
+    return builder, rows
 
 
 __all__ = ["StatsBuilder", "UserIndex", "add_batch", "expand_sources", "has_repeats", "hash_ids", "prepare_batch",

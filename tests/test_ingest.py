@@ -252,6 +252,25 @@ def test_user_index_survives_pickling_and_integer_ids():
             assert ix.values().to_pylist() == [pool[i] for i in (3, 1, 7, 9, 0)]
 
 
+def test_a_shared_user_hash_found_by_the_workers_recounts_the_input_exactly(tmp_path, monkeypatch):
+    """The workers confirm the main thread's user codes on the ids; when every id hashes alike, the confirmation
+    fails and the input is counted again with exact matching, giving vote_stats' counts all the same."""
+    import heedful.ingest as ingest
+
+    sim = simulate(300, 8, pairs=default_pairs(3, 0.8), tie_rate=0.05, seed=21)
+    path = tmp_path / "v.parquet"
+    pq.write_table(pa.Table.from_pandas(sim.votes, preserve_index=False), path, row_group_size=500)
+    monkeypatch.setattr(ingest, "hash_ids", lambda col: np.zeros(len(col), np.uint64))
+    runs = []
+    count_parts = ingest._count_parts
+    monkeypatch.setattr(ingest, "_count_parts", lambda *a, exact: runs.append(exact) or count_parts(*a, exact=exact))
+    got, want = stream_vote_stats(path, threads=2), vote_stats(sim.votes)
+    assert runs == [False, True]
+    assert list(got.users) == list(want.users)
+    for name in ("cell_user", "cell_kind", "cell_count", "user_ties", "pair_ties"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
 def test_threads_and_chunking_do_not_change_the_counts(tmp_path):
     sim = simulate(700, 12, vote_counts="lognormal", tie_rate=0.05, gold_rate=0.05, pairs=default_pairs(4, 0.8), seed=5)
     path = tmp_path / "v.parquet"
