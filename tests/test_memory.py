@@ -24,11 +24,17 @@ info = libc.mallinfo2()
 print(info.hblkhd >= 64 << 20)                # True: a separate mapping; False: from the heap
 libc.free(p)
 print(libc.mallinfo2().arena >= 64 << 20)     # the freed block stays in the heap for the next array
+import threading
+before = libc.mallinfo2().arena
+t = threading.Thread(target=lambda: libc.free(libc.malloc(256 << 20)))
+t.start(); t.join()
+print(libc.mallinfo2().arena >= before + (192 << 20))   # a thread's block comes from (and stays in) the same heap
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-@pytest.mark.parametrize("opt_out, expected", [("1", ["True", "False", "True"]), ("0", ["False", "True", "False"])])
+@pytest.mark.parametrize("opt_out, expected", [("1", ["True", "False", "True", "True"]),
+                                               ("0", ["False", "True", "False", "False"])])
 def test_freed_blocks_stay_in_the_heap_unless_turned_off(opt_out, expected):
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
                          env={**os.environ, "HEEDFUL_KEEP_MEMORY": opt_out}).stdout.split()
