@@ -721,10 +721,12 @@ class StatsBuilder:
             self._fold()
         return self
 
-    def result(self) -> VoteStats:
+    def result(self, consume: bool = False) -> VoteStats:
         """The VoteStats, pairs in sorted order (as vote_stats numbers them), cells sorted by (user, kind).
 
-        Leaves the builder as it was (it can take more batches afterwards)."""
+        Leaves the builder as it was (it can take more batches afterwards); ``consume``: the builder's cell
+        arrays become the result's (no copies, 2 x 8 bytes a cell less), and the builder is not to be used again.
+        """
         pairs = sorted(self.pairs)
         order = np.array([self.pairs[p] for p in pairs], dtype=np.int64)
         rank = np.empty(len(order), dtype=np.int64)
@@ -734,8 +736,11 @@ class StatsBuilder:
         final_kind = rank[provisional // KINDS_PER_PAIR] * KINDS_PER_PAIR + provisional % KINDS_PER_PAIR
         self._fold()
         key = self.cell_key
-        if np.array_equal(order, np.arange(len(order))):
-            user, kind, count = key >> 32, final_kind[key & 0xFFFFFFFF], self.cell_count.copy()
+        if np.array_equal(order, np.arange(len(order))):      # the kinds are final already
+            user, count = key >> 32, self.cell_count if consume else self.cell_count.copy()
+            kind = np.bitwise_and(key, 0xFFFFFFFF, out=key if consume else None)
+            if consume:
+                self.cell_key = self.cell_count = np.zeros(0, np.int64)
         else:      # sorted by user, kinds permuted inside each user: re-sort user << 32 | final kind (timsort,
             packed = final_kind[key & 0xFFFFFFFF]      # close to linear), with at most 3 such arrays alive at once
             high = np.right_shift(key, 32)
@@ -960,7 +965,7 @@ def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: i
         raise InputError(f"{label}: no rows (only a header)")
     with ThreadPoolExecutor(1) as ex:           # the two final sorts side by side (numpy releases the GIL)
         repeats = ex.submit(builder.duplicate_ids)
-        stats = builder.result()
+        stats = builder.result(consume=True)
         if repeats.result():
             e = _vote_id_error(sources, rows, str(sources[0]))
             if e is not None:
