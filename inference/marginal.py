@@ -18,10 +18,10 @@ the steps on all the data (L-BFGS iterations, BFGS and Newton steps), not the sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from scipy import optimize
 
 from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import GlobalSpec, initial_mu, warm_sample
@@ -29,9 +29,6 @@ from heedful.inference.result import GlobalFit, ProgressFn, covariance, positive
 from heedful.inference.ridge import RidgeCoordinates
 from heedful.model.likelihood import QuadraturePlan, build_plan, log_marginal
 from heedful.suffstats import VoteStats
-
-if TYPE_CHECKING:
-    from scipy.optimize import OptimizeResult
 
 NEWTON_GAIN = 1e-6     # log-posterior units: Newton steps stop below this predicted gain
 NEWTON_STEPS = 8
@@ -92,9 +89,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
     bounds = [(-30.0, 30.0)] * spec.n_free
 
-    def lbfgs(x0: torch.Tensor, ftol: float) -> tuple[torch.Tensor, OptimizeResult]:
-        from scipy import optimize  # only off the warm path: its import costs ~0.3 CPU-s during the read
-
+    def lbfgs(x0: torch.Tensor, ftol: float) -> tuple[torch.Tensor, optimize.OptimizeResult]:
         r = optimize.minimize(fun, x0.cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
                               options={"maxiter": max_iter, "gtol": 1e-9, "ftol": ftol})
         return torch.as_tensor(r.x, dtype=dt, device=dev), r

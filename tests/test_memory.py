@@ -1,6 +1,5 @@
 """The process's runtime settings: large freed blocks stay in the heap (glibc's mallopt, the console script, can
-be turned off); OpenMP threads spin briefly before they sleep (heedful/__init__.py); the fitting modules load only
-what a marginal or EM fit uses (they load while the votes are read, on the same cores)."""
+be turned off); OpenMP threads spin briefly before they sleep (heedful/__init__.py)."""
 
 import os
 import subprocess
@@ -63,14 +62,3 @@ def test_openmp_threads_spin_briefly_before_sleeping_unless_told_otherwise(given
     out = subprocess.run([sys.executable, "-c", WAIT_PROBE], capture_output=True, text=True, check=True,
                          env={**env, **given}).stdout.split()
     assert out == expected
-
-
-LAZY_PROBE = ("import sys, heedful.inference; print(*(m in sys.modules for m in "
-              "('scipy.optimize', 'pyro', 'arviz', 'matplotlib')))")
-
-
-def test_the_fitting_modules_leave_the_optional_heavy_ones_unloaded():
-    """L-BFGS (scipy.optimize: ~0.3 CPU-s to import) is only the marginal fit's fallback; pyro, ArviZ and
-    matplotlib are for SVI, NUTS and plots."""
-    out = subprocess.run([sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False"] * 4
