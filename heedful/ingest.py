@@ -11,8 +11,9 @@ hashes, confirmed on the ids), and every row becomes one integer key
 
 (``user`` numbered in order of first appearance, ``pair`` in order of appearance, a batch's new pairs
 sorted, and renumbered in sorted order at the end). Keys are buffered and folded into unique (key, count)
-cells whenever the buffer passes max(``buffer_rows``, cells) (a sort of the new keys, split across
-threads, then a linear merge); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
+cells whenever the buffer passes max(``buffer_rows``, cells) (each batch's keys sorted by a worker,
+then a linear merge, cut into ranges merged in two threads; from 4 threads on, one sort split across
+them); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
 bounded by about twice the cells (at most users x kinds) plus a few parts, never by the votes.
 
 The result is identical to ``vote_stats(read_votes(path))``: same users (in order of first
@@ -677,9 +678,13 @@ class StatsBuilder:
         weighted = [(k, w) for k, w in self.pending if w is not None]
         self.pending, self.n_pending = [], 0
         only_plain = bool(plain) and not weighted and not len(self.cell_key)
-        if plain:
+        if plain and self.presort:
+            k, c = merge_counts(plain)
+            keys.append(k)
+            counts.append(c)
+        elif plain:
             joined = _concat_draining(plain)
-            k, c = _counts_of_sorted(_sort_in_place(joined)) if self.presort else unique_counts(joined)
+            k, c = unique_counts(joined)
             del joined
             keys.append(k)
             counts.append(c)
@@ -852,6 +857,37 @@ def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: in
                                                                                                         np.ndarray]:
     """np.unique(keys, return_counts=True) for non-negative int64 keys, sorting in threads."""
     return _counts_of_sorted(_sort_parallel(keys, threads, min_parallel))
+
+
+def merge_counts(runs: list[np.ndarray], threads: int = 2, min_parallel: int = 1 << 22) -> tuple[np.ndarray,
+                                                                                             np.ndarray]:
+    """The distinct values of sorted runs (emptying the list) and how often each occurs.
+
+    From ``min_parallel`` values on, the runs are cut at the same ``threads - 1`` values (quantiles of the largest
+    run) and each range is merged (timsort of its runs' pieces) and counted in its own thread, straight into the
+    output; else one merge. Peak memory as for one merge: the pieces, their group starts, the output."""
+    n = sum(len(r) for r in runs)
+    if threads < 2 or n < max(min_parallel, 1):
+        return _counts_of_sorted(_sort_in_place(_concat_draining(runs)))
+    big = max(runs, key=len)
+    cuts = big[(np.arange(1, threads) * len(big)) // threads]
+    ends = [np.concatenate([[0], np.searchsorted(r, cuts), [len(r)]]) for r in runs]
+    with ThreadPoolExecutor(threads) as ex:
+        pieces = list(ex.map(lambda i: _sort_in_place(np.concatenate([r[e[i]:e[i + 1]] for r, e in
+                                                                      zip(runs, ends, strict=True)])), range(threads)))
+        runs.clear()
+        starts = list(ex.map(_group_starts, pieces))
+        at = np.concatenate([[0], np.cumsum([len(st) for st in starts])])
+        key, count = np.empty(at[-1], dtype=pieces[0].dtype), np.empty(at[-1], dtype=np.int64)
+
+        def fill(i: int) -> None:
+            st, piece, lo, hi = starts[i], pieces[i], at[i], at[i + 1]
+            np.take(piece, st, out=key[lo:hi])
+            np.subtract(st[1:], st[:-1], out=count[lo:hi - 1])
+            count[hi - 1:hi] = len(piece) - st[-1:]
+
+        list(ex.map(fill, [i for i in range(threads) if len(starts[i])]))
+    return key, count
 
 
 def _counts_of_sorted(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

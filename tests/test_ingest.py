@@ -371,6 +371,22 @@ def test_threaded_unique_counts_equal_numpy():
         np.testing.assert_array_equal(c, c2)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_merged_counts_of_sorted_runs_equal_numpy(threads):
+    """Runs cut at common values and merged in threads: every value counted once, in its own range, whatever
+    the runs (uneven, empty, one value repeated across a cut)."""
+    from heedful.ingest import merge_counts
+    rng = np.random.default_rng(2)
+    for sizes in ([50_000, 3, 20_000, 0, 7_000], [1], [0, 0], [10, 10]):
+        runs = [np.sort((rng.integers(0, 300, n) << 32) | rng.integers(0, 40, n)) for n in sizes]
+        if sizes == [10, 10]:
+            runs = [np.full(10, 7), np.full(10, 7)]                  # one value in every run and at every cut
+        want = np.unique(np.concatenate(runs), return_counts=True)
+        got = merge_counts(list(runs), threads=threads, min_parallel=0)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
 def test_an_id_hashes_the_same_in_every_batch():
     ids = ["", "a", "ab", "abcdefgh", "abcdefghi", "é", "abcdefgh\x00", "x" * 40, "x" * 41, "u0001234"]
     col = pa.array(ids, type=pa.string())
