@@ -1048,5 +1048,5 @@ def _count_parts(sources: list[Path], chunk_rows: int, buffer_rows: int, threads
     return builder, rows
 
 
-__all__ = ["StatsBuilder", "UserIndex", "add_batch", "expand_sources", "has_repeats", "hash_ids", "prepare_batch",
-           "shift_rows", "stream_vote_stats", "unique_counts", "worker_threads"]
+__all__ = ["StatsBuilder", "UserIndex", "add_batch", "expand_sources", "has_repeats", "hash_ids", "merge_counts",
+           "prepare_batch", "shift_rows", "stream_vote_stats", "unique_counts", "worker_threads"]
