@@ -214,16 +214,17 @@ def _small_sort(keys: np.ndarray) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
-def _unique_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(key, return_inverse=True) for non-negative ints, by a dense table when the range is small."""
+def _unique_inverse(key: np.ndarray, index: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, return_inverse=True) for non-negative ints, by a dense table when the range is small;
+    the inverse in ``index`` (a dtype its values fit)."""
     top = int(key.max()) + 1 if len(key) else 0
     if top > 1 << 26 or top > 8 * len(key) + 1024:
         uniq, inv = np.unique(key, return_inverse=True)
-        return uniq, inv.reshape(-1)
+        return uniq, inv.reshape(-1).astype(index, copy=False)
     present = np.bincount(key, minlength=top) > 0
     uniq = np.flatnonzero(present)
-    code = np.cumsum(present) - 1
-    return uniq, code[key]
+    code = (np.cumsum(present) - 1).astype(index)
+    return uniq, code.take(key, mode="clip")        # key < top: clip only skips the bounds check
 
 
 @dataclass
@@ -258,8 +259,8 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
         starts = np.concatenate([[0], np.flatnonzero(step) + 1])
         nu[cell_user[starts]] = np.add.reduceat(cell_count, starts)
     del step
-    bucket_of_user = np.where(nu > 0, np.floor(np.log2(np.maximum(nu, 1))).astype(np.int64), -1)
-    bucket_of_cell = bucket_of_user[cell_user]
+    bucket_of_user = np.where(nu > 0, np.floor(np.log2(np.maximum(nu, 1))).astype(np.int8), np.int8(-1))
+    bucket_of_cell = bucket_of_user[cell_user]     # int8: 1 byte a cell
     present = np.unique(bucket_of_user[bucket_of_user >= 0])
     # a bucket's cells: a slice when there is one bucket, a mask per bucket when there are a few, else one
     # radix sort by bucket (stable: by user inside a bucket)
@@ -267,18 +268,24 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
     sizes = np.bincount(bucket_of_cell, minlength=int(present.max()) + 1 if len(present) else 0)
     bounds = np.concatenate([[0], np.cumsum(sizes[present])])
     buckets = []
-    local = np.full(stats.n_users, -1, dtype=np.int64)
+    # per-cell arrays in int32 where the values fit (the CSR indices are int32 then too): fewer, smaller temporaries
+    index = np.int32 if max(stats.n_users, len(cell_user)) < 2**31 - 1 else np.int64
+    local = np.full(stats.n_users, -1, dtype=index)
+    top_kind = int(cell_kind.max(initial=0)) + 1
     for j, s, e in zip(present, bounds[:-1], bounds[1:], strict=True):
         users = np.flatnonzero(bucket_of_user == j)
-        if order is not None:
-            cells = order[s:e]
-        else:
-            cells = slice(None) if len(present) == 1 else np.flatnonzero(bucket_of_cell == j)
-        local[users] = np.arange(len(users))
-        kind, count = cell_kind[cells], cell_count[cells]
+        # the bucket's cells: sorted positions, or all of them (views, no copies), or a mask (no index array)
+        cells = order[s:e] if order is not None else slice(None) if len(present) == 1 else bucket_of_cell == j
+        local[users] = np.arange(len(users), dtype=index)
+        count = cell_count[cells]
         width = int(count.max()) + 1
-        uniq, inv = _unique_inverse(kind * width + count)
-        rows = local[cell_user[cells]]
+        key = cell_kind[cells].astype(np.int64 if top_kind * width >= 2**31 - 1 else np.int32)
+        key *= width                              # kind * width + count, in place
+        np.add(key, count, out=key, casting="unsafe")
+        del count
+        uniq, inv = _unique_inverse(key, index)
+        del key
+        rows = local.take(cell_user[cells], mode="clip")    # users' rows in the bucket (every cell's user is in it)
         q = len(uniq)
         ones = torch.ones(len(rows), dtype=dtype, device=device)     # the values of the incidence and its transpose
         incidence = _csr(np.bincount(rows, minlength=len(users)), inv, (len(users), q), ones)

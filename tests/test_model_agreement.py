@@ -254,3 +254,32 @@ def test_plan_is_the_same_whichever_way_buckets_are_found(monkeypatch, vote_coun
         mu = torch.tensor([0.7, 0.8, 0.9], dtype=F64)
         a, b = torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64)
         assert float(log_marginal(other, a, b, mu)) == pytest.approx(float(log_marginal(by_sort, a, b, mu)), rel=1e-13)
+
+
+def test_plan_patterns_with_counts_too_large_for_an_int32_key():
+    """A bucket whose kind x (count + 1) range passes 2^31 forms its (kind, count) keys in int64: its patterns and
+    incidence still list every cell's (kind, count), as in every other bucket."""
+    from dataclasses import replace
+
+    from heedful.simulate import default_pairs, simulate
+
+    stats = vote_stats(simulate(200, 6, pairs=default_pairs(3, 0.8), seed=4).votes)
+    count = stats.cell_count.copy()
+    big = int(np.flatnonzero(stats.cell_kind == stats.cell_kind.max())[0])
+    count[big] = 2**28                                   # 18 kinds x (2^28 + 1) > 2^31
+    stats = replace(stats, cell_count=count)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    nu = np.bincount(stats.cell_user, weights=stats.cell_count, minlength=stats.n_users)
+    assert nu.max() >= 2**28 and len(plan.buckets) > 1
+    for b in plan.buckets:
+        users = b.users.numpy()
+        in_bucket = np.isin(stats.cell_user, users)
+        dense = b.incidence.to_dense().numpy()
+        got = {(int(b.pattern_kind[q]), int(b.count[q])) for q in range(len(b.pattern_kind))}
+        assert got == set(zip(stats.cell_kind[in_bucket].tolist(), stats.cell_count[in_bucket].tolist(), strict=True))
+        row = {u: r for r, u in enumerate(users)}
+        for u, k, c in zip(stats.cell_user[in_bucket], stats.cell_kind[in_bucket], stats.cell_count[in_bucket],
+                           strict=True):
+            q = next(q for q in range(len(b.pattern_kind)) if (int(b.pattern_kind[q]), int(b.count[q])) == (k, c))
+            assert dense[row[u], q] == 1
+        assert dense.sum() == in_bucket.sum()
