@@ -137,7 +137,10 @@ def _json_writer(doc: dict) -> Writer:
 def _table_writer(path: Path, frame: pd.DataFrame) -> Writer:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        return lambda tmp: frame.to_parquet(tmp, index=False)
+        # floats (posterior summaries: nearly all distinct) plain, not dictionary-encoded first and then given
+        # up on: users.parquet of 1M users 229 -> 152 ms, and a little smaller
+        few = [str(c) for c in frame.columns if not pd.api.types.is_float_dtype(frame[c].dtype)]
+        return lambda tmp: frame.to_parquet(tmp, index=False, use_dictionary=few)
     if suffix == ".csv":
         return lambda tmp: frame.to_csv(tmp, index=False)
     if suffix in (".jsonl", ".ndjson"):

@@ -111,6 +111,19 @@ def test_json_and_tables_have_no_nan(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_parquet_tables_keep_floats_plain_and_read_back_the_same(tmp_path):
+    """Float columns (posterior summaries, nearly all distinct) are written without a dictionary; ids and counts
+    keep theirs; the table reads back equal."""
+    import pyarrow.parquet as pq
+
+    frame = pd.DataFrame({"user_id": ["u1", "u2", "u1"], "n_votes": [3, 1, 3], "eta_mean": [0.25, 0.5, 0.75]})
+    write_table(tmp_path / "t.parquet", frame)
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    dictionary = {meta.column(i).path_in_schema: "RLE_DICTIONARY" in meta.column(i).encodings for i in range(3)}
+    assert dictionary == {"user_id": True, "n_votes": True, "eta_mean": False}
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), frame, check_dtype=False)
+
+
 # -- the fit command -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_fit_leaves_no_output(sig, votes_file, tmp_path, capsys, monkeypatch):
