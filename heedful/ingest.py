@@ -526,16 +526,27 @@ class UserIndex:
                 self.table.map_locations(hash_ids(self.values()))
         return self.table
 
+    def conform(self, values: pa.Array) -> pa.Array:
+        """``values`` in the type of the ids already held (InputError when they cannot be cast to it)."""
+        if not self.chunks or values.type == self.type:
+            return values
+        try:
+            return values.cast(self.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(f"user_id holds values of type {values.type} here and {self.type} "
+                             "elsewhere; give every file the same user_id type") from None
+
+    def confirms(self, values: pa.Array) -> bool:
+        """Whether codes found for ``values`` (in the index's type) are confirmed on the ids: matching by hash,
+        and not integers (which hash to themselves)."""
+        return not self.exact and not pa.types.is_integer(values.type)
+
     def codes(self, values: pa.Array, h: np.ndarray | None = None, deferred: bool = False) -> np.ndarray:
         """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids.
-        ``deferred``: the caller confirms string ids itself (:func:`_same_ids` on :meth:`ids` after the call)."""
-        if self.chunks and values.type != self.type:
-            try:
-                values = values.cast(self.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise InputError(f"user_id holds values of type {values.type} here and {self.type} "
-                                 "elsewhere; give every file the same user_id type") from None
-            h = None
+        ``deferred``: the caller confirms them itself (:func:`_same_ids` on :meth:`ids` after the call, against
+        :meth:`conform` ``(values)``)."""
+        if (cast := self.conform(values)) is not values:
+            values, h = cast, None
         if self.exact:
             return self._codes_exact(values)
         h = hash_ids(values) if h is None else h
@@ -547,16 +558,12 @@ class UserIndex:
             first = np.concatenate([[0], first]) if out[0] >= n0 else first
             self.chunks.append(values.take(pa.array(first)))
             self.n += len(added)
-        if not deferred and not self._confirmed(out, values):
+        if not deferred and self.confirms(values) and not _same_ids(self.ids(), out, values):
             if len(added):
                 self.chunks.pop()
             self.n = n0
             return self._collision(values)
         return out
-
-    def _confirmed(self, out: np.ndarray, values: pa.Array) -> bool:
-        """Whether every looked-up id equals the id its code stands for (integer ids: always)."""
-        return pa.types.is_integer(values.type) or _same_ids(self.ids(), out, values)
 
     def _collision(self, values: pa.Array) -> np.ndarray:
         self.exact = True
@@ -616,10 +623,6 @@ class StatsBuilder:
         """Every user's id, in order of first appearance."""
         return self.index.values()
 
-    def _global_users(self, values: pa.Array, h: np.ndarray | None = None) -> np.ndarray:
-        """Global codes (first appearance order) of a batch's user values, adding the new ones."""
-        return self.index.codes(values, h)
-
     def _pair_codes(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """Builder codes of a batch's pairs, the new ones numbered in sorted order: when every pair shows up in
         the first batch (the usual case), the codes are already the final ones and :meth:`result` needs no
@@ -645,11 +648,12 @@ class StatsBuilder:
 
     def _assign(self, b: _Batch, deferred: bool = False) -> _Assigned:
         """The in-order part of counting a batch: the users' and pairs' codes in this builder (new ones added).
-        ``deferred``: string ids are not yet confirmed; :func:`_cells` confirms them (in any thread)."""
-        deferred = deferred and not self.index.exact and _is_text(b.user_values.type)
-        codes = self.index.codes(b.user_values, b.user_hash, deferred=deferred)
+        ``deferred``: the codes are not yet confirmed on the ids; :func:`_cells` does it (in any thread)."""
+        values = self.index.conform(b.user_values)
+        deferred = deferred and self.index.confirms(values)
+        codes = self.index.codes(values, b.user_hash if values is b.user_values else None, deferred=deferred)
         return _Assigned(b, codes, self._pair_codes(b.pairs), len(self.pairs),
-                         self.index.ids() if deferred else None)
+                         (self.index.ids(), values) if deferred else None)
 
     def _absorb(self, c: _Cells) -> None:
         """Add a batch's counts from :func:`_cells` (in any order: sums and a multiset of keys)."""
@@ -706,7 +710,7 @@ class StatsBuilder:
         if other.users is None:
             self.n_rows += other.n_rows
             return self
-        ucode = self._global_users(other.users)
+        ucode = self.index.codes(other.users)
         pmap = self._pair_codes(other.pairs)
         n_users, n_pairs = self.n_users, len(self.pairs)
         self.user_ties = self._ties()
@@ -788,14 +792,14 @@ class StatsBuilder:
 
 @dataclass
 class _Assigned:
-    """A batch with its users' and pairs' codes in the builder; ``ids``: the builder's user ids then, when the
-    users' codes still need confirming on them."""
+    """A batch with its users' and pairs' codes in the builder; ``unconfirmed``: when those codes still need
+    confirming, the builder's user ids then and the batch's user values in their type."""
 
     batch: _Batch
     user_codes: np.ndarray           # int64, per row (batch.user is None) or per batch.user_values entry
     pair_codes: np.ndarray           # int64 [batch pairs]
     n_pairs: int
-    ids: pa.ChunkedArray | None = None
+    unconfirmed: tuple[pa.ChunkedArray, pa.Array] | None = None
 
 
 @dataclass
@@ -817,7 +821,7 @@ class _Collision(Exception):
 def _cells(a: _Assigned, presort: bool) -> _Cells:
     """Keys and sums of an assigned batch (no builder state, so any thread); confirms deferred user codes."""
     b = a.batch
-    if a.ids is not None and not _same_ids(a.ids, a.user_codes, b.user_values):
+    if a.unconfirmed is not None and not _same_ids(a.unconfirmed[0], a.user_codes, a.unconfirmed[1]):
         raise _Collision
     user = a.user_codes if b.user is None else a.user_codes[b.user]
     pair = a.pair_codes[b.pair] if len(a.pair_codes) else b.pair

@@ -252,6 +252,27 @@ def test_user_index_survives_pickling_and_integer_ids():
             assert ix.values().to_pylist() == [pool[i] for i in (3, 1, 7, 9, 0)]
 
 
+@pytest.mark.parametrize("first_ints", [True, False])
+def test_user_ids_of_another_type_in_a_later_file_take_the_first_files_type(tmp_path, first_ints):
+    """Integer ids in one file and numeric strings in the next (or the reverse): the later ids are cast to the
+    first file's type and numbered with it, their codes confirmed (strings) in that type, whatever the threads."""
+    a = pd.DataFrame({"user_id": [1, 2, 3, 1], "model_a": ["x", "y", "x", "y"], "model_b": ["y", "x", "y", "x"],
+                      "choice": ["a", "b", "a", "tie"]})
+    b = pd.DataFrame({"user_id": ["1", "4", "2", "4"], "model_a": ["x", "y", "x", "y"],
+                      "model_b": ["y", "x", "y", "x"], "choice": ["a", "b", "b", "a"]})
+    if not first_ints:
+        a, b = b.assign(user_id=[4, 1, 2, 4]).astype({"user_id": str}), a.assign(user_id=[1, 2, 3, 1])
+    a.to_parquet(tmp_path / "a.parquet")
+    b.to_parquet(tmp_path / "b.parquet")
+    both = pd.concat([a, b.astype({"user_id": a.user_id.dtype})], ignore_index=True)
+    want = vote_stats(both)
+    for threads in (1, 2):
+        got = stream_vote_stats(tmp_path, threads=threads)
+        assert list(got.users) == list(want.users)
+        for name in ("cell_user", "cell_kind", "cell_count", "user_ties"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
 def test_a_shared_user_hash_found_by_the_workers_recounts_the_input_exactly(tmp_path, monkeypatch):
     """The workers confirm the main thread's user codes on the ids; when every id hashes alike, the confirmation
     fails and the input is counted again with exact matching, giving vote_stats' counts all the same."""
