@@ -643,12 +643,15 @@ class StatsBuilder:
         return self.user_ties
 
     def add(self, b: _Batch) -> None:
-        """Count one batch (batches in input order)."""
+        """Count a batch made by :func:`prepare_batch` (batches in input order)."""
         self._absorb(_cells(self._assign(b), self.presort))
 
     def _assign(self, b: _Batch, deferred: bool = False) -> _Assigned:
         """The in-order part of counting a batch: the users' and pairs' codes in this builder (new ones added).
-        ``deferred``: the codes are not yet confirmed on the ids; :func:`_cells` does it (in any thread)."""
+        ``deferred``: the codes are not yet confirmed on the ids; :func:`_cells` does it (in any thread).
+        Also keeps the batch's vote-id hashes for :meth:`duplicate_ids`."""
+        if b.id_hash is not None:
+            self.id_hashes.append(b.id_hash)
         values = self.index.conform(b.user_values)
         deferred = deferred and self.index.confirms(values)
         codes = self.index.codes(values, b.user_hash if values is b.user_values else None, deferred=deferred)
@@ -782,12 +785,6 @@ class StatsBuilder:
             runs, self.id_hashes = self.id_hashes, []
             self.id_hashes = [_sort_in_place(_concat_draining(runs))]
         return bool(self.id_hashes) and _repeats_in_sorted(self.id_hashes[0])
-
-    def add_prepared(self, b: _Batch) -> None:
-        """Count a batch made by :func:`prepare_batch`."""
-        if b.id_hash is not None:
-            self.id_hashes.append(b.id_hash)
-        self.add(b)
 
 
 @dataclass
@@ -979,7 +976,7 @@ def _prepare_part(part: _Part, chunk_rows: int) -> list[_Batch]:
 
 def add_batch(builder: StatsBuilder, batch: pa.RecordBatch, source: str, row0: int) -> None:
     """Validate and count one batch whose first row is row ``row0 + 1`` of ``source``."""
-    builder.add_prepared(prepare_batch(batch, source, row0))
+    builder.add(prepare_batch(batch, source, row0))
 
 
 def stream_vote_stats(paths: str | Path | Sequence[str | Path], *, chunk_rows: int = CHUNK_ROWS,
@@ -1024,8 +1021,6 @@ def _count_parts(sources: list[Path], chunk_rows: int, buffer_rows: int, threads
 
     def count(fut: Future) -> None:
         for b in fut.result():
-            if b.id_hash is not None:
-                builder.id_hashes.append(b.id_hash)
             counting.append(ex.submit(_cells, builder._assign(b, deferred=True), builder.presort))
             while len(counting) > threads:
                 builder._absorb(counting.popleft().result())
