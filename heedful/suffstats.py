@@ -93,8 +93,15 @@ class VoteStats:
         return int(self.gold_n.sum())
 
     def user_votes(self) -> np.ndarray:
-        """Non-tie votes per user, int64 [U]."""
-        return np.bincount(self.cell_user, weights=self.cell_count, minlength=self.n_users).astype(np.int64)
+        """Non-tie votes per user, int64 [U]; read-only, counted once (the quadrature plan buckets users by it,
+        the summaries report it)."""
+        return self._user_votes
+
+    @cached_property
+    def _user_votes(self) -> np.ndarray:
+        out = np.bincount(self.cell_user, weights=self.cell_count, minlength=self.n_users).astype(np.int64)
+        out.flags.writeable = False
+        return out
 
     def kind_votes(self) -> np.ndarray:
         """Non-tie votes per kind, int64 [P x KINDS_PER_PAIR] (kinds of pair p are p * KINDS_PER_PAIR + ...);
@@ -139,18 +146,37 @@ class VoteStats:
         rng = np.random.default_rng(seed)
         n = min(n, self.n_users)
         keep = np.sort(rng.choice(self.n_users, size=n, replace=False))
-        code = np.full(self.n_users, -1, dtype=np.int64)
-        code[keep] = np.arange(n)
-        cell = code[self.cell_user] >= 0
+        cells, cell_user = self._cells_of(keep)
         f = n / max(self.n_users, 1)
         gold_a = rng.binomial(self.gold_a, f)
         gold_n = gold_a + rng.binomial(self.gold_n - self.gold_a, f)
         user_ties = self.user_ties[keep]
-        return VoteStats(users=self.users[keep], pairs=list(self.pairs), cell_user=code[self.cell_user[cell]],
-                         cell_kind=self.cell_kind[cell], cell_count=self.cell_count[cell],
+        cell_count = self.cell_count[cells]
+        return VoteStats(users=self.users[keep], pairs=list(self.pairs), cell_user=cell_user,
+                         cell_kind=self.cell_kind[cells], cell_count=cell_count,
                          gold_a=gold_a.astype(np.int64), gold_n=gold_n.astype(np.int64), user_ties=user_ties,
                          pair_ties=rng.binomial(self.pair_ties, f).astype(np.int64),
-                         n_rows=int(self.cell_count[cell].sum() + user_ties.sum()))
+                         n_rows=int(cell_count.sum() + user_ties.sum()))
+
+    def _cells_of(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The cells of the users ``keep`` (ascending), in their order, and those users' new codes 0 .. n-1.
+
+        Cells sorted by user (as counted): user u's cells are the run [start_u, start_(u+1)) of the cumulative
+        cell counts, so only the kept cells are gathered; otherwise a mask over all the cells."""
+        cu = self.cell_user
+        if cu.size and bool((cu[1:] < cu[:-1]).any()):
+            code = np.full(self.n_users, -1, dtype=np.int64)
+            code[keep] = np.arange(len(keep))
+            cell = code[cu] >= 0
+            return np.flatnonzero(cell), code[cu[cell]]
+        start = np.zeros(self.n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cu, minlength=self.n_users), out=start[1:])
+        lo = start[keep]
+        lens = start[keep + 1] - lo
+        ends = np.cumsum(lens)
+        cells = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+        cells += np.repeat(lo - (ends - lens), lens)
+        return cells, np.repeat(np.arange(len(keep), dtype=np.int64), lens)
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Cells and kinds as tensors on ``device``; counts in ``dtype`` (exact in float64 up to 2**53)."""

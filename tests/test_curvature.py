@@ -1,5 +1,7 @@
 """The exact derivatives of the marginal objective, and the ridge coordinates Newton works in."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -89,9 +91,10 @@ def test_newton_in_ridge_coordinates_reaches_the_top_from_where_lbfgs_stops():
     spec = global_spec(stats, Priors())
     start = fit_marginal(stats, plan, spec, curvature=False)
     theta = torch.as_tensor(start.theta, dtype=F64)
-    top, A, steps, reached = _polish(plan, spec, theta)
+    top, A, f_top, steps, reached = _polish(plan, spec, theta)
     assert reached and steps <= 5
     assert float(objective(plan, spec, top)) > start.objective
+    assert f_top == pytest.approx(float(objective(plan, spec, top)), abs=1e-7)   # the fit's value, no extra pass
     g = _autograd_grad(plan, spec, top).numpy()
     assert 0.5 * g @ np.linalg.solve(A, g) < 1e-6
 
@@ -179,6 +182,7 @@ def test_a_warm_start_that_misleads_falls_back_to_the_cold_climb(monkeypatch):
 def test_sample_users_keeps_each_sampled_users_cells_and_thins_pair_counts():
     stats = vote_stats(simulate(3_000, 6, pairs=PAIRS, gold_rate=0.1, seed=2).votes)
     sample = stats.sample_users(1_000, seed=5)
+    assert (np.diff(stats.cell_user) >= 0).all()      # cells by user: the path of runs; shuffled below: the mask
     assert sample.n_users == 1_000 and sample.pairs == stats.pairs
     pos = stats.users.get_indexer(sample.users)
     assert (np.diff(pos) > 0).all()                   # original order kept
@@ -188,6 +192,16 @@ def test_sample_users_keeps_each_sampled_users_cells_and_thins_pair_counts():
     assert 0.2 < sample.gold_n.sum() / stats.gold_n.sum() < 0.5
     again = stats.sample_users(1_000, seed=5)
     assert list(again.users) == list(sample.users)
+    # cells not sorted by user (the mask path): the same users, and each one's same cells
+    perm = np.random.default_rng(0).permutation(len(stats.cell_user))
+    shuffled = dataclasses.replace(stats, cell_user=stats.cell_user[perm], cell_kind=stats.cell_kind[perm],
+                                   cell_count=stats.cell_count[perm]).sample_users(1_000, seed=5)
+    assert list(shuffled.users) == list(sample.users) and shuffled.n_rows == sample.n_rows
+
+    def cells(s):
+        return sorted(zip(s.cell_user.tolist(), s.cell_kind.tolist(), s.cell_count.tolist(), strict=True))
+
+    assert cells(shuffled) == cells(sample)
 
 
 def test_the_warm_option_turns_the_warm_start_off(monkeypatch, tmp_path):
