@@ -255,16 +255,10 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
     stable radix sort of the entries by (block of TRANSPOSE_BLOCK users on a CPU, pattern).
     """
     cell_user, cell_kind, cell_count = stats.cell_user, stats.cell_kind, stats.cell_count
-    step = np.diff(cell_user)
-    if (step < 0).any():
+    if len(cell_user) and bool((cell_user[1:] < cell_user[:-1]).any()):
         by_user = np.argsort(cell_user, kind="stable")
         cell_user, cell_kind, cell_count = cell_user[by_user], cell_kind[by_user], cell_count[by_user]
-        step = np.diff(cell_user)
-    nu = np.zeros(stats.n_users, dtype=np.int64)       # votes per user: sums over each user's run of cells
-    if len(cell_user):
-        starts = np.concatenate([[0], np.flatnonzero(step) + 1])
-        nu[cell_user[starts]] = np.add.reduceat(cell_count, starts)
-    del step
+    nu = stats.user_votes()                            # votes per user (counted once, the summaries report it)
     bucket_of_user = np.where(nu > 0, np.floor(np.log2(np.maximum(nu, 1))).astype(np.int8), np.int8(-1))
     bucket_of_cell = bucket_of_user[cell_user]     # int8: 1 byte a cell
     present = np.unique(bucket_of_user[bucket_of_user >= 0])
