@@ -66,6 +66,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     theta = spec.pack(a0, b0, mu0, rho0, dt, dev)
     warnings: list[str] = []
     iterations, converged, res, H = 0, spec.n_free == 0, None, np.zeros((0, 0))
+    f_top = None      # the objective at theta when the last Newton check evaluated it there (None: not known)
     last = {"loss": float("nan")}
 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -98,16 +99,16 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         sample = _warm_start(stats, plan, spec, tol, max_iter) if warm and start is None and curvature else None
         if sample is not None:                # BFGS from the sample's maximum, then the exact Newton check
             theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, stepped)
-            theta, H, _, converged = _polish(plan, spec, theta, stepped)
+            theta, H, f_top, _, converged = _polish(plan, spec, theta, stepped)
         if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
-            theta, res = lbfgs(theta, tol)
+            (theta, res), f_top = lbfgs(theta, tol), None
             converged = bool(res.success) or res.status == 0
             if curvature:
-                theta, H, _, reached = _polish(plan, spec, theta, stepped)
+                theta, H, f_top, _, reached = _polish(plan, spec, theta, stepped)
                 if not reached:               # not concave, or out of steps: L-BFGS to the top, Newton again
                     theta, res = lbfgs(theta, min(tol, STOP_GAIN * scale))
                     converged = bool(res.success) or res.status == 0
-                    theta, H, steps, reached = _polish(plan, spec, theta, stepped)
+                    theta, H, f_top, steps, reached = _polish(plan, spec, theta, stepped)
                     if not reached and steps == NEWTON_STEPS:
                         warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may "
                                         "still be short of the maximum (a flat, curved ridge in the likelihood); "
@@ -126,8 +127,10 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     with torch.no_grad():
         g = spec.unpack(theta)
         a, b, mu = g.a, g.b, g.mu
-        ll = float(log_marginal(plan, *g))             # objective = log_marginal + log-priors: one pass, not two
-        obj = ll + float(spec.log_prior(theta, g))
+        lp = float(spec.log_prior(theta, g))
+        # objective = log_marginal + log-priors: where the Newton check evaluated it at theta, no pass at all
+        ll = float(log_marginal(plan, *g)) if f_top is None else f_top - lp
+        obj = ll + lp
     cov, w = covariance(H, spec.theta_names(stats.pair_labels()))
     warnings += w
     if float(a) < 0.05 or float(b) < 0.05 or float(a + b) > 1e4:
@@ -212,9 +215,10 @@ def _value_grad(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: to
 
 
 def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
-            on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, np.ndarray, int, bool]:
+            on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, np.ndarray, float, int, bool]:
     """Newton from theta, in ridge coordinates where they apply; returns theta, the Hessian of -objective
-    in theta there, steps taken, and whether the predicted gain fell below NEWTON_GAIN (see :func:`_newton`)."""
+    in theta there, the objective there, steps taken, and whether the predicted gain fell below NEWTON_GAIN
+    (see :func:`_newton`)."""
     coords = RidgeCoordinates(spec) if RidgeCoordinates.applies(spec) else None
     if coords is not None:
         psi = torch.as_tensor(coords.from_theta(theta.cpu().numpy()), dtype=theta.dtype, device=theta.device)
@@ -223,9 +227,9 @@ def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
             coords = None            # at an extreme (m or mu at 0 or 1 in floating point): stay in theta
     if coords is None:
         x, f, g, hess, steps, reached = _newton(plan, spec, theta, on_step)
-        return x, -hess, steps, reached
+        return x, -hess, f, steps, reached
     psi, f, g, hess, steps, reached = _newton(plan, coords, psi, on_step)
-    return coords.to_theta(psi).detach(), -coords.theta_hessian(psi, g, hess), steps, reached
+    return coords.to_theta(psi).detach(), -coords.theta_hessian(psi, g, hess), f, steps, reached
 
 
 def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor,
