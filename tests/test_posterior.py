@@ -175,6 +175,22 @@ def test_summaries_do_not_depend_on_chunks_and_blocks(monkeypatch):
         np.testing.assert_array_equal(getattr(whole, f), getattr(pieces, f), err_msg=f)
 
 
+def test_the_mode_starts_at_the_peak_of_the_quartic_through_five_grid_points():
+    """g(x) = A log sigmoid(x) + B log sigmoid(-x) peaks at x* = log(A / B): from five points 0.2 apart the
+    quartic's peak is within 1e-3 cells of it and at least 10x closer than the parabola's vertex; with an end
+    of the window off the grid the vertex is kept."""
+    h = 0.2
+    for A, B in [(3.0, 5.0), (12.0, 4.0), (40.0, 45.0)]:
+        peak = np.log(A / B)
+        j0 = np.round(peak / h)
+        xs = torch.tensor((j0 + np.arange(-2, 3)) * h, dtype=F64)
+        g5 = (A * torch.nn.functional.logsigmoid(xs) + B * torch.nn.functional.logsigmoid(-xs)).reshape(1, 5)
+        target = peak / h - j0
+        quartic = float(posterior._start_shift(g5, torch.tensor([True])))
+        vertex = float(posterior._start_shift(g5, torch.tensor([False])))
+        assert abs(quartic - target) < 1e-3 and abs(quartic - target) * 10 < abs(vertex - target)
+
+
 @pytest.mark.parametrize("a, b", [(1.0, 1.0), (1.7, 2.2)])
 def test_modes_do_not_depend_on_when_the_slow_users_are_compacted(monkeypatch, a, b):
     """Mode refinement iterates on the still-active users' cells only once few are left; never compacting,
