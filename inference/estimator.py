@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Self
 
 import numpy as np
@@ -39,12 +40,17 @@ class FitContext:
     stats: VoteStats
     plan: QuadraturePlan
     spec: GlobalSpec
-    cells: dict[str, torch.Tensor]
     tol: float
     max_iter: int
     level: float
     progress: ProgressFn | None
     options: dict = field(default_factory=dict)   # method-specific (draws, chains, seed, ...)
+
+    @cached_property
+    def cells(self) -> dict[str, torch.Tensor]:
+        """The cells as tensors on the plan's device (:meth:`VoteStats.tensors`), built on first use: only the
+        methods that keep eta_u per cell (em) need them (at 10M votes, 70 MB of float counts)."""
+        return self.stats.tensors(self.plan.device, self.plan.dtype)
 
 
 @dataclass
@@ -166,14 +172,13 @@ class Attentiveness:
             raise InputError("every vote is a tie: there is nothing to fit (ties are left out of the likelihood)")
         spec = global_spec(stats, self.priors)
         plan = build_plan(stats, dev, dt)
-        cells = stats.tensors(dev, dt)
         clock.lap("counts_to_device")
         options = {"profile": self.priors.profile, **self.options}
-        ctx = FitContext(stats, plan, spec, cells, self.tol, self.max_iter, self.level, self.progress, options)
+        ctx = FitContext(stats, plan, spec, self.tol, self.max_iter, self.level, self.progress, options)
         result = _fitter(self.method)(ctx)
         gfit = result.fit
         clock.lap("fit")
-        post = result.posterior or user_posterior(plan, cells, gfit.a, gfit.b,
+        post = result.posterior or user_posterior(plan, None, gfit.a, gfit.b,
                                                   torch.as_tensor(gfit.mu, dtype=dt, device=dev), gfit.rho,
                                                   level=self.level, rho_prior=gfit.rho_prior,
                                                   modes=gfit.eta_map is None)   # EM's eta_map: the modes
@@ -181,7 +186,7 @@ class Attentiveness:
         self.stats_, self.spec_, self.fit_, self.posterior_ = stats, spec, gfit, post
         self.inference_data_ = result.inference_data
         self.diagnostics_ = result.diagnostics
-        self._plan, self._cells = plan, cells
+        self._plan = plan
         self._finish(time.perf_counter() - t0, dev, dt)
         clock.lap("summaries")
         self.timings_ = clock.laps
@@ -258,7 +263,7 @@ class Attentiveness:
         if not 0 < tau < 1:
             raise InputError(f"tau must lie in (0, 1), got {tau}")
         mu = torch.as_tensor(self.fit_.mu, dtype=self._dtype, device=self._device)
-        post = user_posterior(self._plan, self._cells, self.fit_.a, self.fit_.b, mu, self.fit_.rho,
+        post = user_posterior(self._plan, None, self.fit_.a, self.fit_.b, mu, self.fit_.rho,
                               level=self.level, tau=tau, rho_prior=self.fit_.rho_prior, modes=False)
         return post.prob_above
 

@@ -238,7 +238,7 @@ def _block_summaries(v: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: tor
 
 
 @torch.no_grad()
-def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: float, b: float,
+def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, a: float, b: float,
                    mu: torch.Tensor, rho: float | None = None, *, level: float = 0.90,
                    tau: float | None = None, rho_prior: tuple[float, float] | None = None,
                    modes: bool = True) -> UserPosterior:
@@ -248,7 +248,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor], a: floa
     cost, and a method that keeps eta_u (EM's joint MAP) has them already.
 
     With a per-user rho_u ~ Beta(rho_prior), rho_u is integrated out by Gauss-Jacobi at every grid point.
-    ``cells`` is unused (each bucket's incidence holds the users' cells); it stays for the callers.
+    ``cells`` is unused (each bucket's incidence holds the users' cells; None will do); it stays for the callers.
     Per chunk of users the [users, M] grid is read by one sparse product, a max, an exp and a cumulative sum;
     the cells each summary needs are gathered and the summaries computed per block of BLOCK_ROWS users.
     """

@@ -183,7 +183,7 @@ def test_em_eta_map_is_the_posterior_mode_so_the_fit_skips_the_refinement():
     model = Attentiveness(method="em", priors=priors_from_dict({"population": {"eta": "Beta(2, 2)"}})).fit(votes)
     assert model.posterior_.mode is None
     mu = torch.as_tensor(model.fit_.mu, dtype=torch.float64)
-    args = (model._plan, model._cells, model.fit_.a, model.fit_.b, mu, model.fit_.rho)
+    args = (model._plan, None, model.fit_.a, model.fit_.b, mu, model.fit_.rho)
     full = user_posterior(*args, level=model.level)
     assert np.abs(full.mode - model.fit_.eta_map).max() < 1e-6
     np.testing.assert_array_equal(model.users_.eta_hat, model.fit_.eta_map)
