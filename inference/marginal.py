@@ -8,11 +8,12 @@ gradients to its relative-change rule, then Newton steps with the exact Hessian
 covariance of theta is the inverse of the Hessian of the negative objective at that point.
 
 On many users the climb starts from the maximum for a random sample of them instead
-(:func:`heedful.inference.globals.warm_sample`, found the same way, so large data descends through a
-few levels): there the sample's Hessian, scaled by N_votes / n_votes, stands in for the full one, and BFGS
-steps on the full data (a gradient each) carry it to where the exact Newton check passes. The maximum
-is the same (the same Newton stopping rule decides); only the path is cheaper. ``iterations`` counts
-the steps on all the data (L-BFGS iterations, BFGS and Newton steps), not the samples' own.
+(:func:`heedful.inference.globals.warm_sample`, found the same way but to a looser Newton stop, SAMPLE_GAIN,
+so large data descends through a few levels): there the sample's Hessian, scaled by N_votes / n_votes,
+stands in for the full one, and BFGS steps on the full data (a gradient each) carry it to where the
+exact Newton check passes. The maximum is the same (the same Newton stopping rule decides); only the
+path is cheaper. ``iterations`` counts the steps on all the data (L-BFGS iterations, BFGS and Newton
+steps), not the samples' own.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ QN_STEPS = 20
 # Newton check that follows evaluates f, its gradient and Hessian there (and steps on if it must). On 10M votes
 # the steps predicted 43.7, 1.3e-3, 3.4e-6, 1.7e-7, 2e-12: the last two passes (0.25 s each) are saved
 QN_LAST_GAIN = 10 * NEWTON_GAIN
+# a warm-start sample's own fit stops its Newton steps this much sooner: its maximum is only a start, some
+# K/2 N/n log-units of the full data away from the full maximum (K free globals, n of N users: BFGS's first step on all
+# of 10M votes predicted 43.7), so finishing it below 0.1 log-units (0.8 on the full data at n = N/8) moves the start
+# by 2% of that. At 10M votes the 15.6k-user sample took 4 Newton steps (5 exact Hessians, 0.2-0.3 s) to 1e-6, 1 to 0.1.
+# Its BFGS steps keep QN_GAIN: stopping those sooner cost the full data one more BFGS step (a pass over every user)
+SAMPLE_GAIN = 0.1
 
 
 def objective(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, theta: torch.Tensor) -> torch.Tensor:
@@ -56,9 +63,10 @@ def objective(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, theta: 
 def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, tol: float = 1e-9,
                  max_iter: int = 500, progress: ProgressFn | None = None,
                  start: tuple[float, float, np.ndarray, float | None] | None = None,
-                 curvature: bool = True, warm: bool = True) -> GlobalFit:
+                 curvature: bool = True, warm: bool = True, gain: float = NEWTON_GAIN) -> GlobalFit:
     """Maximise the exact marginal posterior of the globals; ``curvature`` adds the Hessian's covariance;
-    ``warm=False`` climbs from the start on all the data even when a sample could start it."""
+    ``warm=False`` climbs from the start on all the data even when a sample could start it; Newton stops once a
+    step predicts less than ``gain`` (a warm-start sample's fit: SAMPLE_GAIN)."""
     dt, dev = plan.dtype, plan.device
     scale = 1.0 / max(stats.n_votes, 1)
     a0, b0, mu0, rho0 = start if start is not None else (*(spec.eta_fixed or (1.0, 1.0)),
@@ -99,16 +107,16 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         sample = _warm_start(stats, plan, spec, tol, max_iter) if warm and start is None and curvature else None
         if sample is not None:                # BFGS from the sample's maximum, then the exact Newton check
             theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, stepped)
-            theta, H, f_top, _, converged = _polish(plan, spec, theta, stepped)
+            theta, H, f_top, _, converged = _polish(plan, spec, theta, stepped, gain=gain)
         if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
             (theta, res), f_top = lbfgs(theta, tol), None
             converged = bool(res.success) or res.status == 0
             if curvature:
-                theta, H, f_top, _, reached = _polish(plan, spec, theta, stepped)
+                theta, H, f_top, _, reached = _polish(plan, spec, theta, stepped, gain=gain)
                 if not reached:               # not concave, or out of steps: L-BFGS to the top, Newton again
                     theta, res = lbfgs(theta, min(tol, STOP_GAIN * scale))
                     converged = bool(res.success) or res.status == 0
-                    theta, H, f_top, steps, reached = _polish(plan, spec, theta, stepped)
+                    theta, H, f_top, steps, reached = _polish(plan, spec, theta, stepped, gain=gain)
                     if not reached and steps == NEWTON_STEPS:
                         warnings.append(f"the marginal fit took {NEWTON_STEPS} Newton steps after L-BFGS and may "
                                         "still be short of the maximum (a flat, curved ridge in the likelihood); "
@@ -151,7 +159,8 @@ def _warm_start(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, tol: f
     if sample is None:
         return None
     sample_plan = build_plan(sample, plan.device, plan.dtype)
-    fit = fit_marginal(sample, sample_plan, spec, tol=tol, max_iter=max_iter)   # itself warm-started if large
+    fit = fit_marginal(sample, sample_plan, spec, tol=tol, max_iter=max_iter,   # itself warm-started if large
+                       gain=SAMPLE_GAIN)
     if not fit.converged or fit.hessian is None:
         return None
     coords = RidgeCoordinates(spec)
@@ -173,16 +182,16 @@ def _quasi_newton(plan: QuadraturePlan, coords: RidgeCoordinates, psi: torch.Ten
     f, g = _value_grad(plan, coords, psi)
     for _ in range(QN_STEPS if np.isfinite(f) else 0):
         step = np.linalg.solve(A, g)
-        gain = 0.5 * float(g @ step)
-        if gain <= QN_GAIN:
+        predicted = 0.5 * float(g @ step)
+        if predicted <= QN_GAIN:
             break
         step_t = torch.as_tensor(step, dtype=psi.dtype, device=psi.device)
-        if gain <= QN_LAST_GAIN:
+        if predicted <= QN_LAST_GAIN:
             cand = psi + step_t
             if _valid(coords, cand):
                 psi = cand
                 if on_step:
-                    on_step(f + gain)
+                    on_step(f + predicted)
             break
         t = 1.0
         for _ in range(8):
@@ -215,9 +224,10 @@ def _value_grad(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: to
 
 
 def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
-            on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, np.ndarray, float, int, bool]:
+            on_step: Callable[[float], None] | None = None, gain: float = NEWTON_GAIN,
+            ) -> tuple[torch.Tensor, np.ndarray, float, int, bool]:
     """Newton from theta, in ridge coordinates where they apply; returns theta, the Hessian of -objective
-    in theta there, the objective there, steps taken, and whether the predicted gain fell below NEWTON_GAIN
+    in theta there, the objective there, steps taken, and whether the predicted gain fell below ``gain``
     (see :func:`_newton`)."""
     coords = RidgeCoordinates(spec) if RidgeCoordinates.applies(spec) else None
     if coords is not None:
@@ -226,18 +236,18 @@ def _polish(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor,
         if not bool(torch.isfinite(back).all()) or float((back - theta).abs().max()) > 1e-8:
             coords = None            # at an extreme (m or mu at 0 or 1 in floating point): stay in theta
     if coords is None:
-        x, f, g, hess, steps, reached = _newton(plan, spec, theta, on_step)
+        x, f, g, hess, steps, reached = _newton(plan, spec, theta, on_step, gain)
         return x, -hess, f, steps, reached
-    psi, f, g, hess, steps, reached = _newton(plan, coords, psi, on_step)
+    psi, f, g, hess, steps, reached = _newton(plan, coords, psi, on_step, gain)
     return coords.to_theta(psi).detach(), -coords.theta_hessian(psi, g, hess), f, steps, reached
 
 
 def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.Tensor,
-            on_step: Callable[[float], None] | None = None,
+            on_step: Callable[[float], None] | None = None, gain: float = NEWTON_GAIN,
             ) -> tuple[torch.Tensor, float, np.ndarray, np.ndarray, int, bool]:
     """Newton steps x + A^-1 g (A = -hess f, exact) while a step predicts a gain g' A^-1 g / 2 above
-    NEWTON_GAIN; a step is halved until f rises. Returns x, f, g and hess f there, steps taken, and True
-    when the predicted gain fell below NEWTON_GAIN, False when A is not positive definite, a step could
+    ``gain``; a step is halved until f rises. Returns x, f, g and hess f there, steps taken, and True
+    when the predicted gain fell below ``gain``, False when A is not positive definite, a step could
     not raise f, or NEWTON_STEPS ran out.
     """
     f, g, hess = marginal_derivatives(plan, spec, x)
@@ -247,7 +257,7 @@ def _newton(plan: QuadraturePlan, spec: GlobalSpec | RidgeCoordinates, x: torch.
         if not positive_definite(lam):
             return x, f, g, hess, steps, False     # not concave here: covariance() reports it if it stays so
         step = V @ ((V.T @ g) / lam)
-        if 0.5 * float(g @ step) <= NEWTON_GAIN:
+        if 0.5 * float(g @ step) <= gain:
             return x, f, g, hess, steps, True
         if steps == NEWTON_STEPS:
             return x, f, g, hess, steps, False
