@@ -46,6 +46,7 @@ from heedful.inference.curvature import marginal_derivatives
 from heedful.inference.globals import Globals, GlobalSpec, initial_mu, warm_sample
 from heedful.inference.result import GlobalFit, ProgressFn, covariance
 from heedful.model.likelihood import (
+    CASUAL,
     QuadraturePlan,
     build_plan,
     casual_prob,
@@ -346,10 +347,13 @@ class _Profile:
             self.chunks = list(zip(bounds[:-1], bounds[1:], ce[:-1], ce[1:], strict=True))
             self.entry_local = (self.entry_user % rows) * D + self.entry_col   # position in its block
             self.schur_buf = torch.zeros(min(U, rows) * max(D, 1), dtype=dt, device=dev)
-        n_buf = 6 if self.learn_rho else 5
-        self.b_c, self.b_d, self.b_q, self.b_r, self.b_t, *rest = (
-            torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))
+        n_buf = 5 if self.learn_rho else 4
+        self.b_d, self.b_q, self.b_r, self.b_t, *rest = (torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))
         self.b_u = rest[0] if rest else None
+        # c per cell: one value (CASUAL, a 0-d tensor that broadcasts) where no vote's order is modelled (rho None),
+        # else a buffer (10M votes: 67 MB not allocated nor touched in the common case)
+        self.b_c = (torch.empty(C, dtype=dt, device=dev) if spec.position
+                    else torch.tensor(CASUAL, dtype=dt, device=dev))
         # V's values per entry, written by each curvature (V is used before the next one replaces them)
         self.b_v = torch.empty(E, dtype=dt, device=dev) if D else None
         gold_a, gold_n = plan.gold_a.cpu().double().numpy(), plan.gold_n.cpu().double().numpy()
@@ -364,7 +368,8 @@ class _Profile:
         mu_t = torch.as_tensor(mu, dtype=dt, device=dev)
         rho_t = None if rho is None else torch.tensor(rho, dtype=dt, device=dev)
         c_k = casual_prob(kinds.first, rho_t).to(dt)
-        torch.index_select(c_k, 0, self.kind, out=self.b_c)
+        if self.b_c.dim():
+            torch.index_select(c_k, 0, self.kind, out=self.b_c)
         torch.index_select(kinds.attentive_prob(mu_t) - c_k, 0, self.kind, out=self.b_d)
         g = Globals(self.at, self.bt, mu_t, rho_t if self.learn_rho else None)
         self.glob = float(gold_loglik(self.plan, mu_t) + self.spec.log_prior(torch.zeros(0, dtype=dt), g))
@@ -387,7 +392,7 @@ class _Profile:
         idx = torch.arange(n, device=self.dev) + torch.repeat_interleave(starts - crow[:-1], lens, output_size=n)
         e = torch.repeat_interleave(eta[users], lens, output_size=n)
         d = b_d[idx]
-        q = torch.addcmul(b_c[idx], d, e)
+        q = torch.addcmul(b_c[idx] if b_c.dim() else b_c, d, e)
         r = d.div_(q)
         sub = run_sum_matrix(crow, self.cnt[idx], self.index)
         b_q[idx] = q
