@@ -5,7 +5,8 @@ marginal likelihood). Quantiles and P(eta > tau) come from the CDF on a grid in 
 where the density L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b is smooth; the mass beyond the grid's ends
 is added in closed form (the density continued as e^(a x) on the left, e^(-b x) on the right). The grid
 spans |x| <= 20 at most, and for each bucket of users only the part outside which a bound on the
-likelihood ratio leaves less than 1e-12 of any user's mass (``_grid_span``). The CDF at
+likelihood ratio leaves less than 1e-12 of any user's mass, or the closed-form tail errs by less than that
+(``_grid_span``, ``_inner_end``). The CDF at
 the grid points is Euler-Maclaurin to O(h^6) and, inside a cell, the integral of a quintic through the density,
 its slope and its third derivative at the cell's ends (differences on 7 grid points): within about 1e-6 of exact
 on a grid of 200 points or more (see ``_grid_size``).
@@ -82,9 +83,10 @@ def _pattern_probs(plan: QuadraturePlan, bk: Bucket, mu: torch.Tensor, rho: torc
 
 
 def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
-               h: float, M: int, tau: float | None) -> tuple[int, int]:
-    """First and last index of the M-point grid on [-X_EDGE, X_EDGE] outside which every user of the bucket has
-    posterior mass below TAIL_EPS (relative), and whose inside holds every interior mode.
+               h: float, M: int, tau: float | None, modes: bool = True) -> tuple[int, int]:
+    """First and last index of the M-point grid on [-X_EDGE, X_EDGE] beyond which every user of the bucket has
+    posterior mass below TAIL_EPS (relative), or its closed-form tail errs by less than that (``_inner_end``),
+    and whose inside holds every interior mode (when ``modes``).
 
     Each vote's factor f(eta) = c + eta (m - c) is linear, so for eta' in [0, 1/2] f(eta) / f(eta') <=
     max(c, m) / min(c, (c + m) / 2), and likewise on [1/2, 1] with min(m, (c + m) / 2). With R_u the sum of
@@ -95,7 +97,8 @@ def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.T
     still added in closed form as before; only grid points that carry no mass are dropped. With a, b >= 1
     the density in eta is log-concave, so its mode lies inside the kept span when the slope of the log
     density is positive two cells inside the left end and negative two cells inside the right end for
-    every user; an end whose check fails (or with a or b below 1) stays at -X_EDGE or X_EDGE.
+    every user; an end whose check fails (or with a or b below 1) stays at -X_EDGE or X_EDGE. Without
+    ``modes`` there is no check: the quantiles and tail need only the mass.
     """
     if TAIL_EPS <= 0:
         return 0, M - 1
@@ -110,6 +113,16 @@ def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.T
     log_beta = float(special.betaln(a, b))
     x_lo = min((math.log(TAIL_EPS / 2) + log_z + math.log(a) + log_beta) / a, -1.0) if a >= 1 else -X_EDGE
     x_hi = max(-(math.log(TAIL_EPS / 2) + log_z + math.log(b) + log_beta) / b, 1.0) if b >= 1 else X_EDGE
+    if a >= 1 or b >= 1:                     # move the ends in while the closed-form tails beyond stay exact
+        d = (m - c).abs()
+        spread = torch.stack([torch.where(c > 0, d / c, math.inf), torch.where(m > 0, d / m, math.inf)], 1)
+        s_lo, s_hi = (float(v) for v in (bk.incidence @ (cnt[:, None] * spread).to(bk.incidence.dtype)).max(0).values)
+        q_lo, q_hi = (float(v) for v in spread.max(0).values)
+        common = math.log(2.0) - log_beta - log_z              # log relative mass below x <= a x + common - log a
+        if a >= 1:
+            x_lo = _inner_end(max(x_lo, -X_EDGE), h, lambda x: a * x + common - math.log(a), s_lo, q_lo, a, b, -1)
+        if b >= 1:
+            x_hi = _inner_end(min(x_hi, X_EDGE), h, lambda x: -b * x + common - math.log(b), s_hi, q_hi, b, a, 1)
     if tau is not None:                                      # P(eta > tau) is read inside the grid
         xt = math.log(tau / (1 - tau))
         x_lo, x_hi = min(x_lo, xt - 2 * h), max(x_hi, xt + 2 * h)
@@ -123,11 +136,39 @@ def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.T
         score = bk.incidence @ (cnt * (m - c) / (c + e * (m - c))).to(bk.incidence.dtype)
         return score + (a - 1) / e - (b - 1) / (1 - e)
 
-    if i0 > 0 and not bool((slopes(i0 + 2) > 0).all()):
+    if modes and i0 > 0 and not bool((slopes(i0 + 2) > 0).all()):
         i0 = 0
-    if i1 < M - 1 and not bool((slopes(i1 - 2) < 0).all()):
+    if modes and i1 < M - 1 and not bool((slopes(i1 - 2) < 0).all()):
         i1 = M - 1
     return i0, i1
+
+
+def _inner_end(x_end: float, h: float, log_mass, s: float, q: float, rate: float, other: float, side: int) -> float:
+    """An end of the grid moved in by whole cells (to |x| >= 1 at most) while the closed-form tail beyond it is
+    within TAIL_EPS Z_u of the true tail for every user of the bucket; side -1: the left end, +1: the right.
+
+    Beyond the left end x_0 the density d(x) = L_u(eta) e^(a x) (1 + e^x)^-(a+b) is continued as d(x_0)
+    e^(a (x - x_0)). With u = e^(x_0) > eta_0, each vote's factor changes by |log((c + eta d) / (c + eta_0 d))| <=
+    u |d| / c / (1 - u |d| / c) there, and (1 + e^x)^-(a+b) by a factor within [1, e^((a+b) u)]; so d over its
+    continuation lies within e^(+-y), y = u s / (1 - u q) + (a + b) u, with s the bucket's largest sum of
+    n |d| / c over a user's cells and q the largest |d| / c (the right end: c -> m, u = e^(-x_1), rate b). The
+    tail's error is then at most (e^y - 1) e^y times its mass, bounded by ``log_mass`` (x) as in ``_grid_span``;
+    the Euler-Maclaurin end terms, which take the continuation's slopes a d_0 and a^3 d_0, add at most a factor
+    1 + a h^2 / 12 + a^3 h^4 / 360. A factor c (or m) that vanishes makes s infinite: the end stays.
+    """
+    def log_error(x: float) -> float:
+        u = math.exp(-abs(x))
+        if not math.isfinite(s) or u * q >= 0.5:
+            return math.inf
+        y = u * s / (1 - u * q) + (rate + other) * u
+        return log_mass(x) + y + math.log(max(math.expm1(y), 1e-300)) + math.log1p(
+            rate * h * h / 12 + rate ** 3 * h ** 4 / 360)
+
+    limit = math.log(TAIL_EPS)
+    x = x_end
+    while abs(x - side * h) >= 1.0 and (nxt := x - side * h) * side > 0 and log_error(nxt) <= limit:
+        x = nxt
+    return x
 
 
 def _table(plan: QuadraturePlan, bk: Bucket, eta: torch.Tensor, mu: torch.Tensor,
@@ -284,7 +325,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = 2 * X_EDGE / (M - 1)
         if rp is None:                                           # only the part of the grid that holds mass
-            i0, i1 = _grid_span(plan, bk, pa, pb, mu, rho_t, h, M, tau)
+            i0, i1 = _grid_span(plan, bk, pa, pb, mu, rho_t, h, M, tau, modes)
             x, M = x[i0:i1 + 1], i1 - i0 + 1
         log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
         prior_eta = (pa - 1) * log_eta + (pb - 1) * log_1m      # log density in eta, up to a constant

@@ -209,6 +209,34 @@ def test_modes_do_not_depend_on_when_the_slow_users_are_compacted(monkeypatch, a
     np.testing.assert_allclose(always, never, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("a, b, past_mass_rule", [(3.0, 5.0, True), (1.0, 1.0, True), (8.0, 2.5, False)])
+def test_an_end_moves_in_only_as_far_as_the_closed_form_tail_stays_within_tail_eps(a, b, past_mass_rule):
+    """One user (7 votes at m = 0.8, 4 at m = 0.2, c = 1/2): beyond the end that ``_inner_end`` picks, the true
+    left tail and its continuation d(x_0) / a differ by at most TAIL_EPS Z, and the end moved in from -X_EDGE,
+    for a small a past where the mass alone would have put it (more than TAIL_EPS Z beyond)."""
+    votes = [(0.8, 7), (0.2, 4)]
+    c = 0.5
+
+    def dens(x):                       # L(eta) e^(a x) (1 + e^x)^-(a+b): the posterior density in x, unnormalised
+        eta = special.expit(x)
+        return np.prod([(c + eta * (m - c)) ** n for m, n in votes]) * np.exp(a * x - (a + b) * np.logaddexp(0, x))
+
+    z = integrate.quad(dens, -np.inf, np.inf, epsabs=0, epsrel=1e-13, limit=400)[0]
+
+    def log_mass(x):                   # the exact log relative mass below x: a valid bound
+        return np.log(integrate.quad(dens, -np.inf, x, epsabs=0, epsrel=1e-13, limit=400)[0] / z)
+
+    s = sum(n * abs(m - c) / c for m, n in votes)
+    q = max(abs(m - c) / c for m, _ in votes)
+    h = 2 * X_EDGE / 199
+    end = posterior._inner_end(-X_EDGE, h, log_mass, s, q, a, b, -1)
+    assert end > -X_EDGE + 10 * h
+    true_tail = integrate.quad(dens, -np.inf, end, epsabs=0, epsrel=1e-13, limit=400)[0]
+    assert abs(true_tail - dens(end) / a) <= posterior.TAIL_EPS * z
+    assert (true_tail > posterior.TAIL_EPS * z) == past_mass_rule
+    assert posterior._inner_end(-X_EDGE, h, log_mass, np.inf, q, a, b, -1) == -X_EDGE   # a vanishing factor
+
+
 @pytest.mark.parametrize("a, b, rho, gold", [(3.0, 5.0, None, False), (15.0, 20.0, 0.7, True), (4.0, 1.5, 0.9, True)])
 def test_the_grid_keeps_only_the_span_that_holds_mass(monkeypatch, a, b, rho, gold):
     """Dropping the grid's points beyond the likelihood-ratio bound (TAIL_EPS) changes no summary beyond rounding,
