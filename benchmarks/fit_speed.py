@@ -12,7 +12,10 @@ exists, else ``resource.getrusage(RUSAGE_CHILDREN)`` of a one-shot helper):
   posterior summaries, write); ratio = (wall - startup) / floor (and / floor+vote_id);
 - ``svi`` (1M users, 10M votes) and ``nuts`` (5k users) through ``Attentiveness(method=...)`` when those
   modules exist (their defaults; each capped at ``--extra-timeout`` seconds);
-- ``peer``: crowd-kit's NoisyBT on 100k votes (``--crowdkit-python`` names a Python with crowd-kit).
+- ``peer``: crowd-kit's NoisyBT on 100k votes (``--crowdkit-python`` names a Python with crowd-kit);
+- ``--rounds N``: then N rounds, each one floor run and one fit per method back to back, every ratio against its
+  own round's floor: on a machine whose speed drifts by tens of percent within minutes, a ratio of neighbours
+  (their median over the rounds) is steadier than one against the best of three floors taken earlier.
 
     python benchmarks/fit_speed.py --sizes 1m 10m --data /tmp/heedful-bench --json figures.json
     python benchmarks/fit_speed.py --sizes 100m --device cuda --extra    # the GPU target (<= 10 s)
@@ -26,6 +29,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extra-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for svi / nuts, e.g. draws=250 (as --option of heedful fit; repeatable)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=0, help="then this many rounds of (floor, each fit) back to back")
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
     heedful = heedful_cmd()
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                        timings_s=params.get("timings_s"))
             res["ratio_with_vote_id"] = (res["wall_s"] - startup) / with_ids["inner_s"]
             record(f"heedful fit --method {method}", size, res, floor["inner_s"], startup)
+    paired = _rounds(args, heedful, startup) if args.rounds else []
     import importlib.util
     for method, size in (("svi", "10m"), ("nuts", "5k")):     # SVI at 1M users, NUTS at 5k users
         if method in args.extra and importlib.util.find_spec(f"heedful.inference.{method}") is not None:
@@ -219,8 +225,36 @@ def main(argv: list[str] | None = None) -> None:
             rest = r["wall_s"] - startup - sum(t.values())
             print(f"| {r['name']} | {r['size']} | " + " | ".join(f"{t.get(k, 0):.2f}" for k in names)
                   + f" | {rest:.2f} |")
+    if paired:
+        print("\n| round | votes | floor inner s | fit | wall s | ratio to this round's floor |")
+        print("|---|---|---|---|---|---|")
+        for r in paired:
+            print(f"| {r['round']} | {r['size']} | {r['floor_s']:.2f} | {r['method']} | {r['wall_s']:.2f} | "
+                  f"{r['ratio']:.2f} |")
+        for size in args.sizes:
+            for method in args.methods:
+                ratios = sorted(r["ratio"] for r in paired if r["size"] == size and r["method"] == method)
+                print(f"# {method} at {size}: ratios {', '.join(f'{x:.2f}' for x in ratios)}; "
+                      f"median {statistics.median(ratios):.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows, "rounds": paired}, indent=2))
+
+
+def _rounds(args: argparse.Namespace, heedful: list[str], startup: float) -> list[dict]:
+    """``args.rounds`` rounds of one floor run and one fit per method, each fit's ratio against its own round."""
+    out = []
+    for k in range(1, args.rounds + 1):
+        for size in args.sizes:
+            path = data_file(args.data, size)
+            floor = run([sys.executable, "-c", FLOOR, str(path), "0"])["inner_s"]
+            for method in args.methods:
+                res = run([*heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method",
+                           method, "--device", args.device])
+                row = {"round": k, "size": size, "method": method, "floor_s": floor, "wall_s": res["wall_s"],
+                       "ratio": (res["wall_s"] - startup) / floor, "load": load()}
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    return out
 
 
 def machine() -> dict:
