@@ -161,6 +161,8 @@ def _inner_end(x_end: float, h: float, log_mass, s: float, q: float, rate: float
         if not math.isfinite(s) or u * q >= 0.5:
             return math.inf
         y = u * s / (1 - u * q) + (rate + other) * u
+        if y > 700:                                          # e^y overflows: the tail is nowhere near exact
+            return math.inf
         return log_mass(x) + y + math.log(max(math.expm1(y), 1e-300)) + math.log1p(
             rate * h * h / 12 + rate ** 3 * h ** 4 / 360)
 

@@ -235,6 +235,8 @@ def test_an_end_moves_in_only_as_far_as_the_closed_form_tail_stays_within_tail_e
     assert abs(true_tail - dens(end) / a) <= posterior.TAIL_EPS * z
     assert (true_tail > posterior.TAIL_EPS * z) == past_mass_rule
     assert posterior._inner_end(-X_EDGE, h, log_mass, np.inf, q, a, b, -1) == -X_EDGE   # a vanishing factor
+    # a concentrated prior (a + b = 1e4) whose mass bound allows any end: the end stops where e^y would overflow
+    assert -X_EDGE < posterior._inner_end(-X_EDGE, h, lambda x: -1e9, s, q, 5e3, 5e3, -1) <= np.log(700 / 1e4)
 
 
 @pytest.mark.parametrize("a, b, rho, gold", [(3.0, 5.0, None, False), (15.0, 20.0, 0.7, True), (4.0, 1.5, 0.9, True)])
