@@ -99,9 +99,7 @@ class VoteStats:
 
     @cached_property
     def _user_votes(self) -> np.ndarray:
-        out = np.bincount(self.cell_user, weights=self.cell_count, minlength=self.n_users).astype(np.int64)
-        out.flags.writeable = False
-        return out
+        return _votes_by(self.cell_user, self.cell_count, self.n_users)
 
     def kind_votes(self) -> np.ndarray:
         """Non-tie votes per kind, int64 [P x KINDS_PER_PAIR] (kinds of pair p are p * KINDS_PER_PAIR + ...);
@@ -111,9 +109,7 @@ class VoteStats:
 
     @cached_property
     def _kind_votes(self) -> np.ndarray:
-        out = np.bincount(self.cell_kind, weights=self.cell_count, minlength=self.n_kinds).astype(np.int64)
-        out.flags.writeable = False
-        return out
+        return _votes_by(self.cell_kind, self.cell_count, self.n_kinds)
 
     def pair_votes(self) -> np.ndarray:
         """Non-tie votes per pair, int64 [P]."""
@@ -191,6 +187,13 @@ class VoteStats:
             "gold_a": torch.as_tensor(self.gold_a, device=device, dtype=dtype),
             "gold_n": torch.as_tensor(self.gold_n, device=device, dtype=dtype),
         }
+
+
+def _votes_by(index: np.ndarray, count: np.ndarray, n: int) -> np.ndarray:
+    """sum of ``count`` per value of ``index`` (0 .. n-1), int64 [n], read-only (cached and shared)."""
+    out = np.bincount(index, weights=count, minlength=n).astype(np.int64)
+    out.flags.writeable = False
+    return out
 
 
 def canonical_pairs(model_a: pd.Series, model_b: pd.Series) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray]:
