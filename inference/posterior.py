@@ -19,6 +19,7 @@ grid; the summaries read a few grid cells per user (gathered per chunk, computed
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,7 +144,8 @@ def _grid_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.T
     return i0, i1
 
 
-def _inner_end(x_end: float, h: float, log_mass, s: float, q: float, rate: float, other: float, side: int) -> float:
+def _inner_end(x_end: float, h: float, log_mass: Callable[[float], float], s: float, q: float, rate: float,
+               other: float, side: int) -> float:
     """An end of the grid moved in by whole cells (to |x| >= 1 at most) while the closed-form tail beyond it is
     within TAIL_EPS Z_u of the true tail for every user of the bucket; side -1: the left end, +1: the right.
 
