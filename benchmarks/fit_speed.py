@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         ingest = run([sys.executable, "-c", INGEST, str(path)])
         record("ingest (stream_vote_stats)", size, ingest, floor["inner_s"])
         for method in args.methods:
-            res = run([*heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method", method,
-                       "--device", args.device])
+            res = run(_fit_cmd(heedful, args, path, size, method))
             params = json.loads((args.data / f"fit-{size}-{method}" / "params.json").read_text())
             res.update(rows=params["n_rows"], iterations=params["iterations"], converged=params["converged"],
                        timings_s=params.get("timings_s"))
@@ -240,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows, "rounds": paired}, indent=2))
 
 
+def _fit_cmd(heedful: list[str], args: argparse.Namespace, path: Path, size: str, method: str) -> list[str]:
+    """``heedful fit`` of ``path`` into ``--data``/fit-SIZE-METHOD (its params.json is read back)."""
+    return [*heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method", method,
+            "--device", args.device]
+
+
 def _rounds(args: argparse.Namespace, heedful: list[str], startup: float) -> list[dict]:
     """``args.rounds`` rounds of one floor run and one fit per method, each fit's ratio against its own round."""
     out = []
@@ -248,8 +253,7 @@ def _rounds(args: argparse.Namespace, heedful: list[str], startup: float) -> lis
             path = data_file(args.data, size)
             floor = run([sys.executable, "-c", FLOOR, str(path), "0"])["inner_s"]
             for method in args.methods:
-                res = run([*heedful, "fit", str(path), "-o", str(args.data / f"fit-{size}-{method}"), "--method",
-                           method, "--device", args.device])
+                res = run(_fit_cmd(heedful, args, path, size, method))
                 row = {"round": k, "size": size, "method": method, "floor_s": floor, "wall_s": res["wall_s"],
                        "ratio": (res["wall_s"] - startup) / floor, "load": load()}
                 out.append(row)

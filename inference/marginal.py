@@ -109,7 +109,8 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
             theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, stepped)
             theta, H, f_top, _, converged = _polish(plan, spec, theta, stepped, gain=gain)
         if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
-            (theta, res), f_top = lbfgs(theta, tol), None
+            theta, res = lbfgs(theta, tol)
+            f_top = None
             converged = bool(res.success) or res.status == 0
             if curvature:
                 theta, H, f_top, _, reached = _polish(plan, spec, theta, stepped, gain=gain)

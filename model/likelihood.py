@@ -255,7 +255,7 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
     stable radix sort of the entries by (block of TRANSPOSE_BLOCK users on a CPU, pattern).
     """
     cell_user, cell_kind, cell_count = stats.cell_user, stats.cell_kind, stats.cell_count
-    if len(cell_user) and bool((cell_user[1:] < cell_user[:-1]).any()):
+    if not stats.cells_by_user:
         by_user = np.argsort(cell_user, kind="stable")
         cell_user, cell_kind, cell_count = cell_user[by_user], cell_kind[by_user], cell_count[by_user]
     nu = stats.user_votes()                            # votes per user (counted once, the summaries report it)
