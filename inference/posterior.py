@@ -52,6 +52,7 @@ PAD = 8                    # cells of the continued density beyond each end of t
 NEWTON_STEPS = 2           # Newton steps on the quintic inside the cell, from the linear-density quantile
 STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more than this
 START_STEPS = 3            # Newton steps on the quartic through the grid maximum's five points (mode start)
+SAFE_SUM = (1e-150, 1e150)  # grid rows normalised by Z_u: sums in here have no overflow and no tail near underflow
 COMPACT = 8                # mode refinement keeps only the active users' cells once under 1/COMPACT are active
 
 
@@ -334,6 +335,12 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
         log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
         prior_eta = (pa - 1) * log_eta + (pb - 1) * log_1m      # log density in eta, up to a constant
         jacobian = log_eta + log_1m                              # log d eta / d x
+        # without modes (and rho_u): d = L_u(eta) eta^a (1 - eta)^b / (B(a, b) Z_u) straight from the prior in x,
+        # with log Z_u = logsumexp_g (log w_g + log L_u(eta_g)) of the nodes: d integrates to about 1 over x, and
+        # no row maximum (nor its shift) is needed. A chunk whose rows do not sum to within SAFE_SUM (Z_u off
+        # by e^300 or more: billions of votes, beyond the nodes' resolution) is done again with the maximum
+        by_z = not modes and rp is None
+        prior_x = prior_eta + jacobian - float(special.betaln(pa, pb)) if by_z else None
         if rp is None:
             tab, grid_lw, n_rho = _table(plan, bk, torch.sigmoid(x), mu, rho_t), None, 1
         else:
@@ -374,16 +381,24 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
                 R = inc.shape[0]
                 r0, r1 = start - first, start - first + R
                 lq_t[:, r0:r1].t().copy_(logw.expand(R, -1)).addmm_(inc, tab_q)   # CSR addmm_: no zero fill or copy
-                if grid_lw is None:                                      # log L_u + (a-1) log eta + (b-1) log(1-eta)
-                    g = g_buf[:R].copy_(prior_eta.expand(R, -1)).addmm_(inc, tab)
-                else:                                                    # integrate rho_u out at every eta of the grid
-                    ell = torch.addmm(g_buf[:R], inc, tab, beta=0, out=g_buf[:R])
-                    g = torch.logsumexp(ell.view(R, M, n_rho) + grid_lw, dim=2).add_(prior_eta)
-                top, jm = g.max(dim=1)
-                jmax[r0:r1] = jm
-                torch.gather(g, 1, (jm[:, None] + win).clamp_(0, M - 1), out=g5[r0:r1])
-                d = g.add_(jacobian).sub_(top[:, None]).exp_()           # density in x, max in [e^-20.7, 1/4]
-                cum = torch.cumsum(d, 1, out=c_buf[:R])
+                d = None
+                if by_z:
+                    log_z = torch.logsumexp(lq_t[:, r0:r1], dim=0)
+                    d = g_buf[:R].copy_(prior_x.expand(R, -1)).addmm_(inc, tab).sub_(log_z[:, None]).exp_()
+                    cum = torch.cumsum(d, 1, out=c_buf[:R])
+                    if not bool(((cum[:, -1] > SAFE_SUM[0]) & (cum[:, -1] < SAFE_SUM[1])).all()):
+                        d = None       # Z_u from the nodes is off (a posterior far narrower than they resolve)
+                if d is None:
+                    if grid_lw is None:                                  # log L_u + (a-1) log eta + (b-1) log(1-eta)
+                        g = g_buf[:R].copy_(prior_eta.expand(R, -1)).addmm_(inc, tab)
+                    else:                                                # integrate rho_u out at every eta of the grid
+                        ell = torch.addmm(g_buf[:R], inc, tab, beta=0, out=g_buf[:R])
+                        g = torch.logsumexp(ell.view(R, M, n_rho) + grid_lw, dim=2).add_(prior_eta)
+                    top, jm = g.max(dim=1)
+                    jmax[r0:r1] = jm
+                    torch.gather(g, 1, (jm[:, None] + win).clamp_(0, M - 1), out=g5[r0:r1])
+                    d = g.add_(jacobian).sub_(top[:, None]).exp_()       # density in x, max in [e^-20.7, 1/4]
+                    cum = torch.cumsum(d, 1, out=c_buf[:R])
                 torch.cat([d.index_select(1, ends), cum[:, -1:]], 1, out=v[r0:r1])
                 kk = torch.searchsorted(cum, torch.stack([torch.mv(v[r0:r1], w) for w in search], 1))
                 k[r0:r1] = kk
