@@ -208,6 +208,40 @@ def test_cli_fit_streams_and_writes_the_same_fit(tmp_path, messy):
     pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_dtype=False, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_cli_fit_pauses_the_collector_only_while_reading(tmp_path, messy, monkeypatch, fails):
+    """No cyclic collection while the votes are read and torch imported beside them; during the fit the
+    collector runs with what existed then frozen; afterwards (or after a bad file) it is as it was."""
+    import gc
+
+    import heedful.ingest
+    from heedful.inference import Attentiveness
+
+    path = tmp_path / "v.parquet"
+    messy.to_parquet(path)
+    seen = {}
+    read, fit = heedful.ingest.stream_vote_stats, Attentiveness.fit
+
+    def reading(p):
+        seen["read"] = gc.isenabled()
+        if fails:
+            raise InputError("a bad file")
+        return read(p)
+
+    def fitting(self, votes):
+        seen["fit"] = (gc.isenabled(), gc.get_freeze_count() > 0)
+        return fit(self, votes)
+
+    monkeypatch.setattr(heedful.ingest, "stream_vote_stats", reading)
+    monkeypatch.setattr(Attentiveness, "fit", fitting)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    r = CliRunner().invoke(app, ["fit", str(path), "-o", str(tmp_path / "out")])
+    assert (r.exit_code != 0) == fails, r.output
+    assert seen["read"] is False
+    assert seen.get("fit") == (None if fails else (True, True))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 # -- the user index, threads and the repeat check ------------------------------------------------------
 def _first_appearance_codes(batches: list[list[str]]) -> list[np.ndarray]:
     seen: dict[str, int] = {}
