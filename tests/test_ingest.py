@@ -354,7 +354,7 @@ def test_pairs_first_seen_in_later_batches_are_renumbered_in_sorted_order():
 
 
 def test_builder_results_and_repeat_check_leave_it_counting(tmp_path):
-    """result() and duplicate_ids() (which merges the id-hash runs in place) leave the builder able to take more
+    """result() and duplicate_ids() (which keeps the id-hash runs) leave the builder able to take more
     batches: the final counts equal one pass over everything, in either order of the calls."""
     from heedful.ingest import add_batch
 
@@ -368,7 +368,7 @@ def test_builder_results_and_repeat_check_leave_it_counting(tmp_path):
             add_batch(builder, batch, "v", 300 * i)
         half = builder.result()
         np.testing.assert_array_equal(half.cell_count, vote_stats(v.iloc[:1200]).cell_count)
-        assert not builder.duplicate_ids() and len(builder.id_hashes) == 1
+        assert not builder.duplicate_ids() and sum(map(len, builder.id_hashes)) == 1200
         for i, batch in enumerate(table.slice(1200).to_batches(max_chunksize=300)):
             add_batch(builder, batch, "v", 1200 + 300 * i)
         assert not builder.duplicate_ids()
@@ -392,6 +392,24 @@ def test_the_first_bad_row_is_reported_whatever_the_threads(tmp_path):
     v.to_parquet(path)
     with pytest.raises(InputError, match="row 56"):
         stream_vote_stats(path, threads=4, chunk_rows=50)
+
+
+def test_repeats_across_sorted_runs_found_range_by_range():
+    """runs_have_repeats agrees with merging everything, whatever the ranges: repeats inside one run, across
+    runs, on a cut value, none; empty runs and a single run."""
+    from heedful.ingest import runs_have_repeats
+    rng = np.random.default_rng(4)
+    for _ in range(400):
+        runs = [np.sort(rng.integers(0, int(rng.integers(2, 300)), int(rng.integers(0, 40))).astype(np.uint64))
+                for _ in range(int(rng.integers(0, 6)))]
+        merged = np.sort(np.concatenate(runs)) if runs else np.zeros(0, np.uint64)
+        want = bool((merged[1:] == merged[:-1]).any())
+        assert runs_have_repeats(runs, int(rng.integers(1, 30))) == want
+    distinct = np.arange(0, 3000, dtype=np.uint64)
+    runs = [distinct[i::3] for i in range(3)]
+    assert not runs_have_repeats(runs, 100)
+    runs[1] = np.sort(np.append(runs[1], runs[2][500]))        # one value in two runs
+    assert runs_have_repeats(runs, 100)
 
 
 def test_repeated_hashes_found_by_the_partitioned_check():
