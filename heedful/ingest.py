@@ -12,8 +12,8 @@ hashes, confirmed on the ids), and every row becomes one integer key
 (``user`` numbered in order of first appearance, ``pair`` in order of appearance, a batch's new pairs
 sorted, and renumbered in sorted order at the end). Keys are buffered and folded into unique (key, count)
 cells whenever the buffer passes max(``buffer_rows``, cells) (each batch's keys sorted by a worker,
-then a linear merge, cut into ranges merged in two threads; from 4 threads on, one sort split across
-them); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
+then a linear merge, cut into cache-sized ranges merged in two threads; from 4 threads on, one sort split
+across them); ties, gold labels and rows are counted with ``np.bincount``. Memory is therefore
 bounded by about twice the cells (at most users x kinds) plus a few parts, never by the votes.
 
 The result is identical to ``vote_stats(read_votes(path))``: same users (in order of first
@@ -857,35 +857,56 @@ def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: in
     return _counts_of_sorted(_sort_parallel(keys, threads, min_parallel))
 
 
-def merge_counts(runs: list[np.ndarray], threads: int = 2, min_parallel: int = 1 << 22) -> tuple[np.ndarray,
-                                                                                             np.ndarray]:
+def merge_counts(runs: list[np.ndarray], threads: int = 2, min_parallel: int = 1 << 22,
+                 range_values: int = RANGE_VALUES) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of sorted runs (emptying the list) and how often each occurs.
 
-    From ``min_parallel`` values on, the runs are cut at the same ``threads - 1`` values (quantiles of the largest
-    run) and each range is merged (timsort of its runs' pieces) and counted in its own thread, straight into the
-    output; else one merge. Peak memory as for one merge: the pieces, their group starts, the output."""
+    From ``min_parallel`` values on, the runs are cut at the same values (quantiles of the largest run, found in
+    each by binary search) into ranges of about ``range_values`` values; each range's pieces are merged (timsort)
+    and counted in a small buffer that stays in cache, ``threads`` threads taking consecutive ranges and writing
+    straight into the output, whose parts are then moved together. Else one merge. Beyond the output, memory is
+    a buffer per thread (one merge of everything took two copies of the keys and their group starts: at 10M
+    votes 0.33-0.47 s at the end of a read, 0.27-0.30 s now, and 150 MB less resident after it)."""
     n = sum(len(r) for r in runs)
     if threads < 2 or n < max(min_parallel, 1):
         return _counts_of_sorted(_sort_in_place(_concat_draining(runs)))
     big = max(runs, key=len)
-    cuts = big[(np.arange(1, threads) * len(big)) // threads]
-    ends = [np.concatenate([[0], np.searchsorted(r, cuts), [len(r)]]) for r in runs]
+    parts = max(threads, n // max(range_values, 1))
+    cuts = big[(np.arange(1, parts) * len(big)) // parts]
+    ends = np.stack([np.concatenate([[0], np.searchsorted(r, cuts), [len(r)]]) for r in runs])   # [runs, parts + 1]
+    sizes = (ends[:, 1:] - ends[:, :-1]).sum(0)
+    first = np.concatenate([[0], np.cumsum(sizes)])          # where range i may start writing (it has sizes[i] values)
+    key, count = np.empty(n, dtype=np.result_type(*runs)), np.empty(n, dtype=np.int64)
+
+    def count_ranges(ranges: np.ndarray) -> tuple[int, int]:
+        if not len(ranges):
+            return 0, 0
+        buf = np.empty(int(sizes[ranges].max()), dtype=key.dtype)
+        at = pos = int(first[ranges[0]])
+        for i in ranges.tolist():
+            m = int(sizes[i])
+            if not m:
+                continue
+            piece = np.concatenate([r[e[i]:e[i + 1]] for r, e in zip(runs, ends, strict=True)], out=buf[:m])
+            piece.sort(kind="stable")
+            st = _group_starts(piece)
+            u = len(st)
+            np.take(piece, st, out=key[pos:pos + u])
+            np.subtract(st[1:], st[:-1], out=count[pos:pos + u - 1])
+            count[pos + u - 1] = m - st[-1]
+            pos += u
+        return at, pos
+
     with ThreadPoolExecutor(threads) as ex:
-        pieces = list(ex.map(lambda i: _sort_in_place(np.concatenate([r[e[i]:e[i + 1]] for r, e in
-                                                                      zip(runs, ends, strict=True)])), range(threads)))
-        runs.clear()
-        starts = list(ex.map(_group_starts, pieces))
-        at = np.concatenate([[0], np.cumsum([len(st) for st in starts])])
-        key, count = np.empty(at[-1], dtype=pieces[0].dtype), np.empty(at[-1], dtype=np.int64)
-
-        def fill(i: int) -> None:
-            st, piece, lo, hi = starts[i], pieces[i], at[i], at[i + 1]
-            np.take(piece, st, out=key[lo:hi])
-            np.subtract(st[1:], st[:-1], out=count[lo:hi - 1])
-            count[hi - 1:hi] = len(piece) - st[-1:]
-
-        list(ex.map(fill, [i for i in range(threads) if len(starts[i])]))
-    return key, count
+        spans = list(ex.map(count_ranges, np.array_split(np.arange(parts), threads)))
+    runs.clear()
+    done = 0
+    for lo, hi in spans:                # each thread's part moved down to follow the one before (memmove)
+        if lo != done:
+            key[done:done + hi - lo] = key[lo:hi]
+            count[done:done + hi - lo] = count[lo:hi]
+        done += hi - lo
+    return key[:done], count[:done]
 
 
 def _counts_of_sorted(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

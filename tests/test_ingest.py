@@ -447,9 +447,10 @@ def test_merged_counts_of_sorted_runs_equal_numpy(threads):
         if sizes == [10, 10]:
             runs = [np.full(10, 7), np.full(10, 7)]                  # one value in every run and at every cut
         want = np.unique(np.concatenate(runs), return_counts=True)
-        got = merge_counts(list(runs), threads=threads, min_parallel=0)
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g, w)
+        for range_values in (1, 7, 1000, 1 << 15):               # many ranges per thread, down to one value each
+            got = merge_counts(list(runs), threads=threads, min_parallel=0, range_values=range_values)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)
 
 
 def test_an_id_hashes_the_same_in_every_batch():
