@@ -822,10 +822,27 @@ def _cells(a: _Assigned, presort: bool) -> _Cells:
     live = ~b.tie
     gold = np.where(b.gold_known, np.where(b.gold_canon_a == b.pick_a, 1, 2), 0)
     kind = ((pair * 2 + b.pick_a) * N_FIRST + b.first) * N_GOLD + gold
-    key = (user[live] << 32) | kind[live]
-    return _Cells(np.sort(key) if presort else key, user[b.tie], np.bincount(pair[b.tie], minlength=a.n_pairs),
+    u, k = user[live], kind[live]
+    key = _sorted_keys(u, k, a.n_pairs * KINDS_PER_PAIR) if presort else (u << 32) | k
+    return _Cells(key, user[b.tie], np.bincount(pair[b.tie], minlength=a.n_pairs),
                   np.bincount(pair[b.gold_known & b.gold_canon_a], minlength=a.n_pairs),
                   np.bincount(pair[b.gold_known], minlength=a.n_pairs), len(user))
+
+
+def _sorted_keys(user: np.ndarray, kind: np.ndarray, n_kinds: int) -> np.ndarray:
+    """np.sort(user << 32 | kind) (int64, kind < n_kinds): sorted as the 32-bit user << b | kind (b the bits
+    n_kinds needs) when that fits, then widened: the same order, and a 32-bit sort takes 30 ms per 1M keys here
+    against 50 ms for 64 bits."""
+    bits = max(int(n_kinds - 1).bit_length(), 1)
+    if not len(user) or int(user.max()) >= 1 << (32 - bits):
+        return np.sort((user << 32) | kind)
+    packed = np.left_shift(user, bits).astype(np.uint32)
+    packed |= kind.astype(np.uint32)
+    packed.sort()
+    wide = np.right_shift(packed, bits).astype(np.int64)
+    wide <<= 32
+    wide |= packed & np.uint32((1 << bits) - 1)
+    return wide
 
 
 def _sort_parallel(x: np.ndarray, threads: int | None = None, min_parallel: int = 1 << 22) -> np.ndarray:

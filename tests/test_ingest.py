@@ -453,6 +453,19 @@ def test_merged_counts_of_sorted_runs_equal_numpy(threads):
                 np.testing.assert_array_equal(g, w)
 
 
+def test_batch_keys_sorted_through_32_bits_equal_the_64_bit_sort():
+    """A batch's keys user << 32 | kind come out as np.sort of them, whether they fit 32 bits packed (few users)
+    or not (users up to 2^31, many kinds), and stay int64."""
+    from heedful.ingest import _sorted_keys
+    rng = np.random.default_rng(9)
+    for n_users, n_kinds in [(10, 1), (1000, 18), (1 << 20, 180), (1 << 24, 256), (1 << 31, 18), (5, 1 << 20)]:
+        for n in (0, 1, 500):
+            u, k = rng.integers(0, n_users, n), rng.integers(0, n_kinds, n)
+            got = _sorted_keys(u, k, n_kinds)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, np.sort((u << 32) | k))
+
+
 def test_an_id_hashes_the_same_in_every_batch():
     ids = ["", "a", "ab", "abcdefgh", "abcdefghi", "é", "abcdefgh\x00", "x" * 40, "x" * 41, "u0001234"]
     col = pa.array(ids, type=pa.string())
