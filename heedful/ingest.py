@@ -253,6 +253,7 @@ class _Batch:
     gold_known: np.ndarray           # bool [n]
     gold_canon_a: np.ndarray         # bool [n]
     user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
+    user_short: ShortIds | None = None     # short_ids(user_values), likewise
     id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids, sorted
 
 
@@ -440,6 +441,56 @@ def _hash_strings(col: pa.Array) -> np.ndarray:
     return h
 
 
+@dataclass(frozen=True)
+class ShortIds:
+    """String ids of at most 8 bytes, exactly: each id's bytes as one little-endian word (zero past its end) and
+    its length. Two such ids are equal exactly when both match, so codes are confirmed on two integer gathers
+    instead of every row's id copied out of the known ids and compared (at 10M votes 0.35-0.40 s of CPU)."""
+
+    word: np.ndarray        # uint64
+    length: np.ndarray      # uint8
+
+    def take(self, rows: np.ndarray) -> ShortIds:
+        return ShortIds(self.word[rows], self.length[rows])
+
+    def then(self, more: ShortIds) -> ShortIds:
+        """These ids followed by ``more`` (new arrays: views taken of these stay as they are)."""
+        return ShortIds(np.concatenate([self.word, more.word]), np.concatenate([self.length, more.length]))
+
+    def matches(self, known: ShortIds, codes: np.ndarray) -> bool:
+        """Whether ``known[codes]`` equals these ids row by row."""
+        return not len(codes) or (np.array_equal(known.word[codes], self.word)
+                                  and np.array_equal(known.length[codes], self.length))
+
+
+def short_ids(col: pa.Array) -> ShortIds | None:
+    """The :class:`ShortIds` of a string column without nulls whose ids all have at most 8 bytes, else None."""
+    if not _is_text(col.type) or col.null_count:
+        return None
+    n = len(col)
+    bufs = col.buffers()
+    odt = np.int64 if pa.types.is_large_string(col.type) else np.int32
+    offs = np.frombuffer(bufs[1], dtype=odt)[col.offset:col.offset + n + 1]
+    length = np.diff(offs)
+    if not n:
+        return ShortIds(np.zeros(0, np.uint64), np.zeros(0, np.uint8))
+    if int(length.max()) > 8:
+        return None
+    lo, hi = int(offs[0]), int(offs[-1])
+    raw = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
+    start = offs[:-1] - lo
+    k = int(np.searchsorted(start, len(raw) - 7, side="left")) if len(raw) >= 8 else 0   # ids read in place
+    word = np.empty(n, dtype=np.uint64)
+    if k:
+        word[:k] = np.ndarray((len(raw) - 7,), dtype="<u8", buffer=raw, strides=(1,))[start[:k]]
+    if k < n:                      # the last few ids: 8 bytes from their start would pass the end of the data
+        s0 = int(start[k])
+        tail = np.concatenate([raw[s0:], np.zeros(8, np.uint8)])
+        word[k:] = np.ndarray((len(tail) - 7,), dtype="<u8", buffer=tail, strides=(1,))[start[k:] - s0]
+    word &= _MASKS[length]
+    return ShortIds(word, length.astype(np.uint8))
+
+
 def _vote_id_error(sources: list[Path], rows: list[int], label: str) -> InputError | None:
     """validate_votes' own duplicate-id message, from the ids themselves; None if no id repeats.
 
@@ -487,8 +538,9 @@ class UserIndex:
 
     :meth:`codes` takes a batch's ids (every row, repeats allowed) with their :func:`hash_ids` and, in one
     pass in input order, finds the known ids and numbers the new ones n, n + 1, ... by first appearance
-    (pandas' ``UInt64HashTable.get_labels``, which releases the GIL). String ids are confirmed on the ids
-    themselves (``ids[code] == id`` for every row); should two distinct ids ever share a hash, the index
+    (pandas' ``UInt64HashTable.get_labels``, which releases the GIL). String ids are confirmed exactly for
+    every row, ``ids[code] == id``: on their :class:`ShortIds` (bytes and length as integers) while every id
+    seen has at most 8 bytes, else on the ids themselves; should two distinct ids ever share a hash, the index
     switches to exact matching with Arrow's ``index_in`` for good. Integers hash to themselves, so their
     codes need no check. Cost per batch: O(rows), never O(users). The table is not pickled (a builder
     travels between Dask processes); it is rebuilt from the ids on first use.
@@ -498,6 +550,8 @@ class UserIndex:
     n: int = 0
     exact: bool = False
     table: UInt64HashTable | None = field(default=None, repr=False, compare=False)
+    short: ShortIds | None = field(default=None, repr=False, compare=False)   # every id's short form, while all
+    long: bool = False                                                      # are short; True once one is not
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "table": None}
@@ -542,16 +596,18 @@ class UserIndex:
         and not integers (which hash to themselves)."""
         return not self.exact and not pa.types.is_integer(values.type)
 
-    def codes(self, values: pa.Array, h: np.ndarray | None = None, deferred: bool = False) -> np.ndarray:
-        """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids.
-        ``deferred``: the caller confirms them itself (:func:`_same_ids` on :meth:`ids` after the call, against
-        :meth:`conform` ``(values)``)."""
+    def codes(self, values: pa.Array, h: np.ndarray | None = None, deferred: bool = False,
+              short: ShortIds | None = None) -> np.ndarray:
+        """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids,
+        ``short``: their short_ids. ``deferred``: the caller confirms them itself (the :meth:`check` made right
+        after the call, with the :meth:`conform` ``(values)`` and the same ``short``)."""
         if (cast := self.conform(values)) is not values:
-            values, h = cast, None
+            values, h, short = cast, None, None
         if self.exact:
             return self._codes_exact(values)
         h = hash_ids(values) if h is None else h
-        n0, added = self.n, UInt64Vector()
+        short = self._short_form(values, short)
+        n0, short0, added = self.n, self.short, UInt64Vector()
         out = self._table().get_labels(h, added, n0, -1)
         if len(added):
             seen = np.maximum.accumulate(out)       # new codes first appear in increasing order
@@ -559,12 +615,31 @@ class UserIndex:
             first = np.concatenate([[0], first]) if out[0] >= n0 else first
             self.chunks.append(values.take(pa.array(first)))
             self.n += len(added)
-        if not deferred and self.confirms(values) and not _same_ids(self.ids(), out, values):
+            if short is not None:
+                self.short = short.take(first) if self.short is None else self.short.then(short.take(first))
+        if not deferred and self.confirms(values) and not self.check(values, short).holds(out):
             if len(added):
                 self.chunks.pop()
-            self.n = n0
+            self.n, self.short = n0, short0
             return self._collision(values)
         return out
+
+    def _short_form(self, values: pa.Array, short: ShortIds | None) -> ShortIds | None:
+        """``values``' short form while every id so far has been short (computed if not given), else None; a
+        long id ends the short forms for good."""
+        if self.long or not self.confirms(values):
+            return None
+        short = short_ids(values) if short is None or len(short.word) != len(values) else short
+        if short is None:
+            self.long, self.short = True, None
+        return short
+
+    def check(self, values: pa.Array, short: ShortIds | None) -> _Check:
+        """What confirms codes just found for ``values``: their short forms against every id's (exact), or else
+        the ids themselves (taken at the codes and compared); later ids do not change it."""
+        if short is not None and self.short is not None and not self.long:
+            return _Check(short=short, known=self.short)
+        return _Check(ids=self.ids(), values=values)
 
     def _collision(self, values: pa.Array) -> np.ndarray:
         self.exact = True
@@ -591,6 +666,22 @@ class UserIndex:
 def _same_ids(ids: pa.ChunkedArray, codes: np.ndarray, values: pa.Array) -> bool:
     """Whether ``ids[codes] == values`` row by row (``ids``: every user's id, in code order)."""
     return not len(codes) or bool(pc.all(pc.equal(ids.take(pa.array(codes)), values)).as_py())
+
+
+@dataclass(frozen=True)
+class _Check:
+    """A confirmation of a batch's user codes, made when they were found: the batch's short ids and every
+    known id's, or every known id and the batch's ids."""
+
+    short: ShortIds | None = None
+    known: ShortIds | None = None
+    ids: pa.ChunkedArray | None = None
+    values: pa.Array | None = None
+
+    def holds(self, codes: np.ndarray) -> bool:
+        if self.short is not None:
+            return self.short.matches(self.known, codes)
+        return _same_ids(self.ids, codes, self.values)
 
 
 # -- accumulation -------------------------------------------------------------------------------------
@@ -655,9 +746,11 @@ class StatsBuilder:
             self.id_hashes.append(b.id_hash)
         values = self.index.conform(b.user_values)
         deferred = deferred and self.index.confirms(values)
-        codes = self.index.codes(values, b.user_hash if values is b.user_values else None, deferred=deferred)
+        same = values is b.user_values
+        short = b.user_short if same else None
+        codes = self.index.codes(values, b.user_hash if same else None, deferred=deferred, short=short)
         return _Assigned(b, codes, self._pair_codes(b.pairs), len(self.pairs),
-                         (self.index.ids(), values) if deferred else None)
+                         self.index.check(values, self.index._short_form(values, short)) if deferred else None)
 
     def _absorb(self, c: _Cells) -> None:
         """Add a batch's counts from :func:`_cells` (in any order: sums and a multiset of keys)."""
@@ -793,7 +886,7 @@ class _Assigned:
     user_codes: np.ndarray           # int64, per row (batch.user is None) or per batch.user_values entry
     pair_codes: np.ndarray           # int64 [batch pairs]
     n_pairs: int
-    unconfirmed: tuple[pa.ChunkedArray, pa.Array] | None = None
+    unconfirmed: _Check | None = None
 
 
 @dataclass
@@ -815,7 +908,7 @@ class _Collision(Exception):
 def _cells(a: _Assigned, presort: bool) -> _Cells:
     """Keys and sums of an assigned batch (no builder state, so any thread); confirms deferred user codes."""
     b = a.batch
-    if a.unconfirmed is not None and not _same_ids(a.unconfirmed[0], a.user_codes, a.unconfirmed[1]):
+    if a.unconfirmed is not None and not a.unconfirmed.holds(a.user_codes):
         raise _Collision
     user = a.user_codes if b.user is None else a.user_codes[b.user]
     pair = a.pair_codes[b.pair] if len(a.pair_codes) else b.pair
@@ -1021,6 +1114,7 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
         b.id_hash = np.sort(hash_ids(col))      # sorted here, in a worker: the final check merges sorted runs
     b.user_hash = hash_ids(b.user_values)
+    b.user_short = short_ids(b.user_values)
     return b
 
 

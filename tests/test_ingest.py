@@ -248,15 +248,18 @@ def _first_appearance_codes(batches: list[list[str]]) -> list[np.ndarray]:
     return [np.array([seen.setdefault(v, len(seen)) for v in b]) for b in batches]
 
 
+@pytest.mark.parametrize("widths", ["short", "long", "short then long"])
 @pytest.mark.parametrize("collide", [False, True])
 @pytest.mark.parametrize("repeats", [False, True])
-def test_user_index_codes_in_order_of_first_appearance(collide, repeats):
+def test_user_index_codes_in_order_of_first_appearance(collide, repeats, widths):
     """Codes per row (ids may repeat within a batch), the new ids numbered by first appearance; a hash shared
-    by two distinct ids is caught on the ids and the index turns exact, with the same codes."""
+    by two distinct ids is caught on the ids (their 8-byte short forms while every id has at most 8 bytes, the
+    ids themselves once one is longer) and the index turns exact, with the same codes."""
     from heedful.ingest import UserIndex
     rng = np.random.default_rng(3)
-    pool = [f"user-{i}" for i in range(300)]
-    batches = [rng.choice(pool, size=120).tolist() for _ in range(6)]
+    short, long = [f"user-{i}" for i in range(300)], [f"user-id-{i:05d}" for i in range(300)]
+    pools = {"short": [short] * 6, "long": [long] * 6, "short then long": [short] * 3 + [short + long] * 3}[widths]
+    batches = [rng.choice(pool, size=120).tolist() for pool in pools]
     if not repeats:
         batches = [list(dict.fromkeys(b)) for b in batches]
     assert repeats == any(len(set(b)) < len(b) for b in batches)
@@ -266,7 +269,28 @@ def test_user_index_codes_in_order_of_first_appearance(collide, repeats):
         h = np.zeros(len(b), np.uint64) if collide and j >= 2 else None
         np.testing.assert_array_equal(index.codes(pa.array(b), h), want)
     assert index.exact == collide
+    assert index.long == (widths != "short" and not (collide and widths == "short then long"))
     assert index.values().to_pylist() == list(dict.fromkeys(v for b in batches for v in b))
+
+
+def test_short_ids_are_each_ids_bytes_and_length():
+    """short_ids: the id's UTF-8 bytes as a little-endian word (zeros past its end) and its byte length, for
+    string and large_string columns, slices, empty ids, the last ids of the data; None past 8 bytes or with nulls."""
+    from heedful.ingest import short_ids
+    ids = ["", "a", "ab", "ab\x00", "abcdefgh", "é", "ü12345", "12345678", "x"]
+    for typ in (pa.string(), pa.large_string()):
+        col = pa.array(ids, type=typ)
+        for sl in (col, col.slice(1), col.slice(3, 4), col.slice(8)):
+            got = short_ids(sl)
+            want = [int.from_bytes(v.encode().ljust(8, b"\x00"), "little") for v in sl.to_pylist()]
+            assert got.word.tolist() == want
+            assert got.length.tolist() == [len(v.encode()) for v in sl.to_pylist()]
+    pairs = set(zip(short_ids(pa.array(ids)).word.tolist(), short_ids(pa.array(ids)).length.tolist(), strict=True))
+    assert len(pairs) == len(ids)                                   # "ab" and "ab\x00" apart by their length
+    assert short_ids(pa.array(["abcdefghi"])) is None
+    assert short_ids(pa.array(["a", None])) is None
+    assert short_ids(pa.array([1, 2])) is None
+    assert len(short_ids(pa.array([], type=pa.string())).word) == 0
 
 
 def test_user_index_survives_pickling_and_integer_ids():
