@@ -415,16 +415,24 @@ def hash_ids(col: pa.Array) -> np.ndarray:
     return out
 
 
+def _text_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string or large-string array's offsets [n + 1] (its own int32 or int64, slice applied) and the bytes
+    they span (uint8, from offs[0] on: id i is raw[offs[i] - offs[0]:offs[i + 1] - offs[0]]), both views."""
+    bufs = col.buffers()
+    odt = np.int64 if pa.types.is_large_string(col.type) else np.int32
+    offs = np.frombuffer(bufs[1], dtype=odt)[col.offset:col.offset + len(col) + 1]
+    lo, hi = (int(offs[0]), int(offs[-1])) if len(col) else (0, 0)
+    raw = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
+    return offs, raw
+
+
 def _hash_strings(col: pa.Array) -> np.ndarray:
     """:func:`hash_ids` of a string or large-string array, in one pass of numpy over it."""
     n = len(col)
-    bufs = col.buffers()
-    odt = np.int64 if pa.types.is_large_string(col.type) else np.int32
-    offs = np.frombuffer(bufs[1], dtype=odt)[col.offset:col.offset + n + 1].astype(np.int64)
     if not n:
         return np.zeros(0, np.uint64)
-    lo, hi = int(offs[0]), int(offs[-1])
-    raw = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
+    offs, raw = _text_buffers(col)
+    offs, lo = offs.astype(np.int64), int(offs[0])
     data = np.concatenate([raw, np.zeros(8, np.uint8)])
     words = np.ndarray((len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))   # a word at every byte
     start, length = offs[:-1] - lo, np.diff(offs)
@@ -468,17 +476,13 @@ def short_ids(col: pa.Array) -> ShortIds | None:
     if not _is_text(col.type) or col.null_count:
         return None
     n = len(col)
-    bufs = col.buffers()
-    odt = np.int64 if pa.types.is_large_string(col.type) else np.int32
-    offs = np.frombuffer(bufs[1], dtype=odt)[col.offset:col.offset + n + 1]
-    length = np.diff(offs)
     if not n:
         return ShortIds(np.zeros(0, np.uint64), np.zeros(0, np.uint8))
+    offs, raw = _text_buffers(col)
+    length = np.diff(offs)
     if int(length.max()) > 8:
         return None
-    lo, hi = int(offs[0]), int(offs[-1])
-    raw = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
-    start = offs[:-1] - lo
+    start = offs[:-1] - offs[0]
     k = int(np.searchsorted(start, len(raw) - 7, side="left")) if len(raw) >= 8 else 0   # ids read in place
     word = np.empty(n, dtype=np.uint64)
     if k:
@@ -606,7 +610,7 @@ class UserIndex:
         if self.exact:
             return self._codes_exact(values)
         h = hash_ids(values) if h is None else h
-        short = self._short_form(values, short)
+        short = self.short_form(values, short)
         n0, short0, added = self.n, self.short, UInt64Vector()
         out = self._table().get_labels(h, added, n0, -1)
         if len(added):
@@ -624,7 +628,7 @@ class UserIndex:
             return self._collision(values)
         return out
 
-    def _short_form(self, values: pa.Array, short: ShortIds | None) -> ShortIds | None:
+    def short_form(self, values: pa.Array, short: ShortIds | None = None) -> ShortIds | None:
         """``values``' short form while every id so far has been short (computed if not given), else None; a
         long id ends the short forms for good."""
         if self.long or not self.confirms(values):
@@ -637,7 +641,7 @@ class UserIndex:
     def check(self, values: pa.Array, short: ShortIds | None) -> _Check:
         """What confirms codes just found for ``values``: their short forms against every id's (exact), or else
         the ids themselves (taken at the codes and compared); later ids do not change it."""
-        if short is not None and self.short is not None and not self.long:
+        if short is not None and self.short is not None:       # (a long id clears self.short)
             return _Check(short=short, known=self.short)
         return _Check(ids=self.ids(), values=values)
 
@@ -747,10 +751,10 @@ class StatsBuilder:
         values = self.index.conform(b.user_values)
         deferred = deferred and self.index.confirms(values)
         same = values is b.user_values
-        short = b.user_short if same else None
+        short = self.index.short_form(values, b.user_short if same else None)
         codes = self.index.codes(values, b.user_hash if same else None, deferred=deferred, short=short)
         return _Assigned(b, codes, self._pair_codes(b.pairs), len(self.pairs),
-                         self.index.check(values, self.index._short_form(values, short)) if deferred else None)
+                         self.index.check(values, short) if deferred else None)
 
     def _absorb(self, c: _Cells) -> None:
         """Add a batch's counts from :func:`_cells` (in any order: sums and a multiset of keys)."""
@@ -967,6 +971,23 @@ def unique_counts(keys: np.ndarray, threads: int | None = None, min_parallel: in
     return _counts_of_sorted(_sort_parallel(keys, threads, min_parallel))
 
 
+def _cut_runs(runs: list[np.ndarray], parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted runs cut at the same ``parts - 1`` values (quantiles of the largest run, found in each by binary
+    search), so that equal values fall in the same range: ends [runs, parts + 1] of each run's pieces, and
+    each range's size [parts]."""
+    big = max(runs, key=len)
+    cuts = big[(np.arange(1, parts) * len(big)) // parts]
+    ends = np.stack([np.concatenate([[0], np.searchsorted(r, cuts), [len(r)]]) for r in runs])
+    return ends, (ends[:, 1:] - ends[:, :-1]).sum(0)
+
+
+def _merged_range(runs: list[np.ndarray], ends: np.ndarray, i: int, out: np.ndarray) -> np.ndarray:
+    """Range i of the cut runs (:func:`_cut_runs`), its pieces merged (timsort) into ``out`` (sized to it)."""
+    piece = np.concatenate([r[e[i]:e[i + 1]] for r, e in zip(runs, ends, strict=True)], out=out)
+    piece.sort(kind="stable")
+    return piece
+
+
 def merge_counts(runs: list[np.ndarray], threads: int = 2, min_parallel: int = 1 << 22,
                  range_values: int = RANGE_VALUES) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of sorted runs (emptying the list) and how often each occurs.
@@ -980,11 +1001,8 @@ def merge_counts(runs: list[np.ndarray], threads: int = 2, min_parallel: int = 1
     n = sum(len(r) for r in runs)
     if threads < 2 or n < max(min_parallel, 1):
         return _counts_of_sorted(_sort_in_place(_concat_draining(runs)))
-    big = max(runs, key=len)
     parts = max(threads, n // max(range_values, 1))
-    cuts = big[(np.arange(1, parts) * len(big)) // parts]
-    ends = np.stack([np.concatenate([[0], np.searchsorted(r, cuts), [len(r)]]) for r in runs])   # [runs, parts + 1]
-    sizes = (ends[:, 1:] - ends[:, :-1]).sum(0)
+    ends, sizes = _cut_runs(runs, parts)
     first = np.concatenate([[0], np.cumsum(sizes)])          # where range i may start writing (it has sizes[i] values)
     key, count = np.empty(n, dtype=np.result_type(*runs)), np.empty(n, dtype=np.int64)
 
@@ -997,8 +1015,7 @@ def merge_counts(runs: list[np.ndarray], threads: int = 2, min_parallel: int = 1
             m = int(sizes[i])
             if not m:
                 continue
-            piece = np.concatenate([r[e[i]:e[i + 1]] for r, e in zip(runs, ends, strict=True)], out=buf[:m])
-            piece.sort(kind="stable")
+            piece = _merged_range(runs, ends, i, buf[:m])
             st = _group_starts(piece)
             u = len(st)
             np.take(piece, st, out=key[pos:pos + u])
@@ -1059,18 +1076,9 @@ def runs_have_repeats(runs: list[np.ndarray], range_values: int = RANGE_VALUES) 
     runs = [r for r in runs if len(r)]
     if len(runs) <= 1:
         return bool(runs) and _repeats_in_sorted(runs[0])
-    big = max(runs, key=len)
-    parts = max(1, sum(len(r) for r in runs) // max(range_values, 1))
-    cuts = big[(np.arange(1, parts) * len(big)) // parts]
-    ends = np.stack([np.concatenate([[0], np.searchsorted(r, cuts), [len(r)]]) for r in runs])   # [runs, parts + 1]
-    sizes = (ends[:, 1:] - ends[:, :-1]).sum(0)
+    ends, sizes = _cut_runs(runs, max(1, sum(len(r) for r in runs) // max(range_values, 1)))
     buf = np.empty(int(sizes.max()), dtype=np.result_type(*runs))
-    for i, m in enumerate(sizes.tolist()):
-        piece = np.concatenate([r[e[i]:e[i + 1]] for r, e in zip(runs, ends, strict=True)], out=buf[:m])
-        piece.sort(kind="stable")                 # timsort: a merge of the runs' pieces
-        if _repeats_in_sorted(piece):
-            return True
-    return False
+    return any(_repeats_in_sorted(_merged_range(runs, ends, i, buf[:m])) for i, m in enumerate(sizes.tolist()))
 
 
 def _repeats_in_sorted(s: np.ndarray) -> bool:
