@@ -35,6 +35,7 @@ from heedful.suffstats import VoteStats
 if TYPE_CHECKING:
     from scipy import optimize
 
+BOUND = 30.0           # |log a|, |log b|, |logit| <= BOUND: L-BFGS-B's box (keeps the quadrature well conditioned)
 NEWTON_GAIN = 1e-6     # log-posterior units: Newton steps stop below this predicted gain
 NEWTON_STEPS = 8
 # L-BFGS stops on a relative change of the per-vote objective (ftol = tol): on 10M votes 1e-9 is 0.01
@@ -99,8 +100,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
     def callback(xk: np.ndarray) -> None:
         stepped(-last["loss"] / scale)
 
-    # |log a|, |log b|, |logit| <= 30: keeps the quadrature well conditioned; hitting it is reported
-    bounds = [(-30.0, 30.0)] * spec.n_free
+    bounds = [(-BOUND, BOUND)] * spec.n_free    # hitting it is reported
 
     def lbfgs(x0: torch.Tensor, ftol: float) -> tuple[torch.Tensor, optimize.OptimizeResult]:
         from scipy import optimize  # here: a fit that Newton finishes never loads it (0.25 s of imports)
@@ -115,7 +115,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
             theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, stepped)
             theta, H, f_top, _, converged = _polish(plan, spec, theta, stepped, gain=gain)
         elif curvature:                       # Newton straight from the start, where it climbs there
-            theta, H, f_top, converged = _cold_newton(plan, spec, theta, stepped, gain, bounds[0][1])
+            theta, H, f_top, converged = _cold_newton(plan, spec, theta, stepped, gain)
         if not converged:                     # (or the sample misled:) L-BFGS from where we are, then Newton
             theta, res = lbfgs(theta, tol)
             f_top = None
@@ -135,7 +135,7 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
             warnings.append(f"the marginal fit stopped after {iterations} iterations without converging "
                             f"({res.message})")
         x = theta.detach().cpu().numpy()
-        at_bound = np.isclose(np.abs(x), 30.0)
+        at_bound = np.isclose(np.abs(x), BOUND)
         if at_bound.any():
             names = spec.theta_names(stats.pair_labels())
             warnings.append("at the edge of the parameter space: " + ", ".join(n for n, b in zip(names, at_bound,
@@ -161,13 +161,13 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
 
 
 def _cold_newton(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Tensor, on_step: Callable[[float], None],
-                 gain: float, bound: float) -> tuple[torch.Tensor, np.ndarray, float | None, bool]:
+                 gain: float) -> tuple[torch.Tensor, np.ndarray, float | None, bool]:
     """Newton (:func:`_polish`) from the start: (theta, H, f there, True) when it reaches the stopping rule
-    inside |theta| <= ``bound`` (L-BFGS's box), else (the start, no Hessian, None, False) for L-BFGS to climb
+    inside |theta| < BOUND (L-BFGS's box), else (the start, no Hessian, None, False) for L-BFGS to climb
     from, as without this try (it costs one exact Hessian then). From (a, b) = (1, 1) a 15.6k-user warm-start
     sample of the 10M-vote benchmark took 2 steps (0.09 s, against 0.18-0.27 s for L-BFGS and Newton after it)."""
     x, H, f, _, reached = _polish(plan, spec, theta, on_step, gain=gain)
-    if reached and bool((x.abs() < bound).all()):
+    if reached and bool((x.abs() < BOUND).all()):
         return x, H, f, True
     return theta, np.zeros((0, 0)), None, False
 
