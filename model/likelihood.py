@@ -235,19 +235,46 @@ def _unique_inverse(key: np.ndarray, index: type = np.int64) -> tuple[np.ndarray
 
 @dataclass
 class QuadraturePlan:
-    """Everything about the data that the likelihood needs, on one device and dtype."""
+    """Everything about the data that the likelihood needs, on one device and dtype.
+
+    On many cells the buckets are built in a background thread (numpy's sorts and gathers release the GIL)
+    while a fit starts on what needs no bucket (a warm-start sample, em's passes over the cells), and
+    ``buckets`` waits for them on first use.
+    """
 
     n_users: int
     n_pairs: int
     kinds: Kinds
-    buckets: list[Bucket]
+    pending: list[Bucket] | Future = field(repr=False)   # the buckets, or their build in progress
     gold_a: torch.Tensor
     gold_n: torch.Tensor
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def buckets(self) -> list[Bucket]:
+        """Users grouped by vote count with their patterns and incidence (waits for their build)."""
+        if isinstance(self.pending, Future):
+            self.pending = self.pending.result()
+        return self.pending
+
 
 def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:
+    """The plan of ``stats``: its kinds and gold counts at once, its buckets (:func:`_buckets`) in a background
+    thread from BACKGROUND_CELLS cells on."""
+    args = (stats, device, dtype, cap)
+    k = stats.kinds()
+    kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
+                  pick_a=torch.as_tensor(k["pick_a"].astype(bool), device=device),
+                  first=torch.as_tensor(k["first"], device=device),
+                  gold=torch.as_tensor(k["gold"], device=device))
+    return QuadraturePlan(stats.n_users, stats.n_pairs, kinds,
+                          _background(_buckets, *args) if len(stats.cell_user) >= BACKGROUND_CELLS else _buckets(*args),
+                          torch.as_tensor(stats.gold_a, device=device, dtype=dtype),
+                          torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
+
+
+def _buckets(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int) -> list[Bucket]:
     """Group users by vote count (powers of two) and deduplicate (kind, count) patterns per bucket.
 
     Linear time apart from radix sorts: cells are grouped by bucket (by user inside a bucket), patterns
@@ -298,14 +325,7 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
             incidence=incidence,
             transpose=_background(_transpose, *args) if len(rows) >= BACKGROUND_CELLS else _transpose(*args),
         ))
-    k = stats.kinds()
-    kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
-                  pick_a=torch.as_tensor(k["pick_a"].astype(bool), device=device),
-                  first=torch.as_tensor(k["first"], device=device),
-                  gold=torch.as_tensor(k["gold"], device=device))
-    return QuadraturePlan(stats.n_users, stats.n_pairs, kinds, buckets,
-                          torch.as_tensor(stats.gold_a, device=device, dtype=dtype),
-                          torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
+    return buckets
 
 
 def _transpose(rows: np.ndarray, cols: np.ndarray, q: int, n_rows: int, ones: torch.Tensor,

@@ -189,9 +189,10 @@ def test_the_blocked_transpose_is_the_incidence_transposed(monkeypatch, block):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-10)
 
 
-def test_transpose_built_in_the_background_is_the_same(monkeypatch):
-    """A large bucket's incidence transpose comes from a background thread: the same CSR as built inline,
-    the same marginal and gradient through it; an error in the build is raised where the transpose is used."""
+def test_buckets_and_transpose_built_in_the_background_are_the_same(monkeypatch):
+    """On many cells the plan's buckets, and a large bucket's incidence transpose, come from background threads:
+    the same CSRs as built inline, the same marginal and gradient through them; an error in either build is
+    raised where the buckets or the transpose are used."""
     from concurrent.futures import Future
 
     import heedful.model.likelihood as L
@@ -201,7 +202,9 @@ def test_transpose_built_in_the_background_is_the_same(monkeypatch):
     inline = build_plan(stats, torch.device("cpu"), F64)
     monkeypatch.setattr(L, "BACKGROUND_CELLS", 0)
     deferred = build_plan(stats, torch.device("cpu"), F64)
+    assert isinstance(inline.pending, list) and isinstance(deferred.pending, Future)
     assert all(isinstance(bk.transpose, Future) for bk in deferred.buckets)
+    assert isinstance(deferred.pending, list)                   # resolved once, kept
     grads = []
     for plan in (inline, deferred):
         mu = torch.tensor([0.7, 0.8, 0.9], dtype=F64, requires_grad=True)
@@ -215,6 +218,10 @@ def test_transpose_built_in_the_background_is_the_same(monkeypatch):
             assert bk.incidence.values().data_ptr() == bk.incidence_t.blocks[0][2].values().data_ptr()
             assert all(bool((m.values() == 1).all()) for _, _, m in bk.incidence_t.blocks)
 
+    for x, y in zip(inline.buckets, deferred.buckets, strict=True):
+        _assert_same_csr(x.incidence, y.incidence)
+        assert torch.equal(x.users, y.users) and torch.equal(x.count, y.count) and x.n_nodes == y.n_nodes
+
     def broken(*args):
         raise MemoryError("no room for the transpose")
 
@@ -222,6 +229,15 @@ def test_transpose_built_in_the_background_is_the_same(monkeypatch):
     plan = build_plan(stats, torch.device("cpu"), F64)
     with pytest.raises(MemoryError, match="no room"):
         _ = plan.buckets[0].incidence_t
+
+    def no_buckets(*args):
+        raise MemoryError("no room for the buckets")
+
+    monkeypatch.setattr(L, "_buckets", no_buckets)
+    plan = build_plan(stats, torch.device("cpu"), F64)
+    assert plan.n_users == stats.n_users and plan.kinds.pair.shape[0] > 0   # the rest of the plan is there
+    with pytest.raises(MemoryError, match="no room for the buckets"):
+        _ = plan.buckets
 
 
 @pytest.mark.parametrize("vote_counts", ["lognormal", "geometric"])
