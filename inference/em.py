@@ -592,10 +592,9 @@ class _Profile:
 
         self.set_globals(mu, rho)
         eta = torch.full((self.U,), 0.5, dtype=self.dt, device=self.dev)
-        self.cell_pass(eta)
-        obj = self.objective(eta)
-        if trace is not None:
-            trace.append(obj)
+        if trace is not None:   # F at the start only for the trace: the eta solve's first pass starts over
+            self.cell_pass(eta)
+            trace.append(self.objective(eta))
         it, converged = 1, D == 0
         eta, obj, g, h = self.solve_eta(eta, self.xtol if converged else loose)
         record(obj)
