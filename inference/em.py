@@ -326,11 +326,12 @@ class _Profile:
         del ekey
         first = torch.nonzero(start).flatten()
         self.E = E = first.shape[0]
-        n_sm = cnt * self.s_m[kind]
+        # the counts as values (the sign d m / d mu goes on the vector): with every pair free, by_user's own
+        # columns and values, no new per-cell arrays
         self.by_entry = csr_tensor(torch.cat([first, first.new_full((1,), start.shape[0])]).to(index),
                                    self.by_user.col_indices() if fc is None else fc.to(index),   # 0 .. C-1: shared
-                                   n_sm if fc is None else n_sm[fc], (E, C))
-        del start, n_sm, pair
+                                   cnt if fc is None else cnt[fc], (E, C))
+        del start, pair
         # per entry: its user and column of V, in the index dtype (they index and count, never take part in sums)
         self.entry_user = cu_f[first].to(index)
         self.entry_col = col_of_pair[pair_f[first]].to(index)
@@ -504,7 +505,8 @@ class _Profile:
             torch.add(self.b_c, self.b_d, out=b_u).div_(b_q).div_(b_q)   # m / q^2
             vr = -(self.by_user @ b_u.mul_(torch.index_select(s_c, 0, self.kind, out=b_s)))
         H[range(nf), range(nf)] = -per_pair(per_kind(b_t.square_()) * s_m.square())
-        ve = torch.mv(self.by_entry, torch.div(self.b_c, b_q, out=b_t).div_(b_q), out=self.b_v)   # c / q^2
+        sign = torch.index_select(s_m, 0, self.kind, out=b_s)            # d m / d mu per cell
+        ve = torch.mv(self.by_entry, torch.div(self.b_c, b_q, out=b_t).div_(b_q).mul_(sign), out=self.b_v)   # c / q^2
         ga, gb = self.gold_terms
         mf = mu[F]
         grad[:nf] += ga[F] / mf - gb[F] / (1 - mf)
