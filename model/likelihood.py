@@ -258,6 +258,11 @@ class QuadraturePlan:
             self.pending = self.pending.result()
         return self.pending
 
+    def wait(self) -> None:
+        """Let the buckets' build finish now, before work that keeps every core busy and needs no bucket for a
+        while: a third busy thread beside torch's own slows each of their parallel ops."""
+        _ = self.buckets
+
 
 def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:
     """The plan of ``stats``: its kinds and gold counts at once, its buckets (:func:`_buckets`) in a background
