@@ -122,7 +122,7 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         rho_prior = (torch.tensor(ra, dtype=dt, device=dev), torch.tensor(rb, dtype=dt, device=dev))
     if warm and solver != "em" and not spec.rho_user and (sample := warm_sample(stats, spec)) is not None:
         mu, rho = _warm_start(sample, spec, a, b, mu, rho, tol, max_iter, dev, dt)
-    plan.wait()     # its buckets were built beside the warm start; the passes over all the cells keep both cores
+    plan.wait()     # the plan's buckets build beside the warm start, not beside the passes over all the cells
     if solver == "em" or spec.rho_user:
         eta, mu, rho, obj, it, converged = _plain_em(stats, plan, spec, cells, a, b, mu, rho, rho_prior,
                                                      tol, max_iter, progress, trace)

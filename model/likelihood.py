@@ -32,7 +32,7 @@ CASUAL = 0.5        # a casual user's probability of picking either answer when 
 NODE_CAP = 256      # nodes for the heaviest users
 RHO_NODE_CAP = 48   # rho nodes per eta node when rho is per user (exact up to 95 votes with a known order)
 FEW_BUCKETS = 4     # up to this many vote-count buckets, each bucket's cells are found by a mask, not a sort
-BACKGROUND_CELLS = 1 << 20   # from this many cells a bucket's transpose is built in a background thread
+BACKGROUND_CELLS = 1 << 20   # from this many cells the plan's buckets and each transpose build in background threads
 # users per block of a bucket's transposed incidence on a CPU: I^T P sums P's rows of each pattern's users, and by
 # blocks those rows (16k users x G nodes) stay in cache while every pattern reads them. At 10M votes (G = 7) C = I^T P
 # took 17-19 ms against 83 ms as one CSR. On a GPU the transpose stays one CSR (one kernel).
@@ -238,8 +238,8 @@ class QuadraturePlan:
     """Everything about the data that the likelihood needs, on one device and dtype.
 
     On many cells the buckets are built in a background thread (numpy's sorts and gathers release the GIL)
-    while a fit starts on what needs no bucket (a warm-start sample, em's passes over the cells), and
-    ``buckets`` waits for them on first use.
+    while a fit starts on what needs no bucket (a warm-start sample); ``buckets`` waits for them on first use,
+    ``wait`` before work that needs none for a while but keeps every core busy (em's passes over the cells).
     """
 
     n_users: int
