@@ -121,7 +121,8 @@ def fit_em(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, cells: dict
         rho = torch.full((stats.n_users,), 0.5, dtype=dt, device=dev)
         rho_prior = (torch.tensor(ra, dtype=dt, device=dev), torch.tensor(rb, dtype=dt, device=dev))
     if warm and solver != "em" and not spec.rho_user and (sample := warm_sample(stats, spec)) is not None:
-        mu, rho = _warm_start(sample, spec, a, b, mu, rho, tol, max_iter, dev, dt)
+        with plan.beside_build():
+            mu, rho = _warm_start(sample, spec, a, b, mu, rho, tol, max_iter, dev, dt)
     plan.wait()     # the plan's buckets build beside the warm start, not beside the passes over all the cells
     if solver == "em" or spec.rho_user:
         eta, mu, rho, obj, it, converged = _plain_em(stats, plan, spec, cells, a, b, mu, rho, rho_prior,

@@ -110,7 +110,8 @@ def fit_marginal(stats: VoteStats, plan: QuadraturePlan, spec: GlobalSpec, *, to
         return torch.as_tensor(r.x, dtype=dt, device=dev), r
 
     if spec.n_free:
-        sample = _warm_start(stats, plan, spec, tol, max_iter) if warm and start is None and curvature else None
+        with plan.beside_build():
+            sample = _warm_start(stats, plan, spec, tol, max_iter) if warm and start is None and curvature else None
         if sample is not None:                # BFGS from the sample's maximum, then the exact Newton check
             theta = _quasi_newton(plan, RidgeCoordinates(spec), *sample, stepped)
             theta, H, f_top, _, converged = _polish(plan, spec, theta, stepped, gain=gain)

@@ -17,8 +17,10 @@ Gold labels add sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)] (t obs
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -262,6 +264,23 @@ class QuadraturePlan:
         """Let the buckets' build finish now, before work that keeps every core busy and needs no bucket for a
         while: a third busy thread beside torch's own slows each of their parallel ops."""
         _ = self.buckets
+
+    @contextlib.contextmanager
+    def beside_build(self) -> Iterator[None]:
+        """Inside, while the buckets are still being built: torch's intra-op threads one fewer (at least one), so
+        that the build keeps a core to itself; as before after. For work on small tensors (a warm-start sample),
+        whose parallel ops gain little: at 10M votes on 2 cores the plan and fit in process took 0.07 s (marginal)
+        and 0.41 s (em) less, and 0.3 and 0.9 s less CPU, than with two threads beside the build (5 alternated
+        pairs each)."""
+        threads = torch.get_num_threads()
+        fewer = isinstance(self.pending, Future) and not self.pending.done() and threads > 1
+        if fewer:
+            torch.set_num_threads(threads - 1)
+        try:
+            yield
+        finally:
+            if fewer:
+                torch.set_num_threads(threads)
 
 
 def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:

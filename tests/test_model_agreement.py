@@ -300,3 +300,41 @@ def test_plan_patterns_with_counts_too_large_for_an_int32_key():
             q = next(q for q in range(len(b.pattern_kind)) if (int(b.pattern_kind[q]), int(b.count[q])) == (k, c))
             assert dense[row[u], q] == 1
         assert dense.sum() == in_bucket.sum()
+
+
+def test_work_beside_the_plans_build_leaves_it_a_core(monkeypatch):
+    """While the buckets are still being built, ``beside_build`` runs torch on one intra-op thread fewer and
+    restores the count after (also on an error); once they are built, it changes nothing."""
+    import threading
+
+    import heedful.model.likelihood as L
+    from heedful.simulate import default_pairs, simulate
+
+    stats = vote_stats(simulate(300, 6, pairs=default_pairs(2, 0.8), seed=5).votes)
+    release = threading.Event()
+    build = L._buckets
+
+    def slow(*args):
+        release.wait(10)
+        return build(*args)
+
+    monkeypatch.setattr(L, "BACKGROUND_CELLS", 0)
+    monkeypatch.setattr(L, "_buckets", slow)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plan = build_plan(stats, torch.device("cpu"), F64)
+        with plan.beside_build():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), plan.beside_build():
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        release.set()
+        plan.wait()
+        with plan.beside_build():
+            assert torch.get_num_threads() == 2
+        assert plan.buckets[0].incidence.shape[0] == stats.n_users
+    finally:
+        release.set()
+        torch.set_num_threads(before)
