@@ -170,7 +170,7 @@ def _warm_start(sample: VoteStats, spec: GlobalSpec, a: float, b: float, mu: tor
     fit starts there and needs fewer of its iterations, each a pass over every cell."""
     if (inner := warm_sample(sample, spec)) is not None:
         mu, rho = _warm_start(inner, spec, a, b, mu, rho, tol, max_iter, dev, dt)
-    plan = build_plan(sample, dev, dt)
+    plan = build_plan(sample, dev, dt, lazy=True)      # profile Newton uses its kinds and gold counts, no bucket
     _, mu_s, rho_s, _, _, converged = _Profile(sample, plan, spec, sample.tensors(dev, dt), a, b).run(
         mu, rho, tol, max_iter, None, None)
     return (mu_s, rho_s) if converged else (mu, rho)
@@ -272,6 +272,16 @@ def _crow(rows: torch.Tensor, n_rows: int, index: torch.dtype) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(index)
 
 
+def _ascending(cu: torch.Tensor, kind: torch.Tensor) -> bool:
+    """Whether the cells are in ascending (user, kind) order (compared pairwise: no keys formed)."""
+    if cu.shape[0] < 2:
+        return True
+    if bool((cu[1:] < cu[:-1]).any()):
+        return False
+    same = cu[1:] == cu[:-1]
+    return not bool(same.logical_and_(kind[1:] < kind[:-1]).any())
+
+
 def _take(mask: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The elements of every x where mask holds (one nonzero for all)."""
     idx = torch.nonzero(mask).flatten()
@@ -293,21 +303,22 @@ class _Profile:
         kinds = plan.kinds
         U, P, K = stats.n_users, stats.n_pairs, kinds.pair.shape[0]
         cu, kind, cnt = cells["cell_user"], cells["cell_kind"], cells["count"]
-        key = cu * K + kind
-        if key.numel() > 1 and bool((key[1:] < key[:-1]).any()):
-            order = torch.argsort(key, stable=True)
-            cu, kind, cnt = cu[order], kind[order], cnt[order]
-        del key
         C = cu.shape[0]
         index = torch.int32 if max(C, U * max(P, 1)) < 2**31 - 1 else torch.int64
         self.U, self.P, self.C, self.index = U, P, C, index
-        self.kind, self.cnt = kind.to(index), cnt
-        self.cu = cu.to(index)
+        # per-cell indices in the index dtype (int32 mostly: half the memory, and no int64 keys formed to check
+        # the order, which the counting already gives)
+        self.cu, self.kind = cu.to(index), kind.to(index)
+        if not _ascending(self.cu, self.kind):
+            order = torch.argsort(cu * K + kind, stable=True)
+            self.cu, self.kind, cnt = self.cu[order], self.kind[order], cnt[order]
+            del order
+        self.cnt = cnt
         eps = torch.finfo(dt).eps
         self.ub = float(torch.tensor(1 - max(1e-12, 2 * eps), dtype=dt))          # EM's eta clamp
         self.th_lo, self.th_hi = max(1e-9, 2 * eps), 1 - max(1e-9, 2 * eps)      # EM's mu, rho clamp
         self.xtol = max(1e-11, 1e3 * eps)
-        self.crow = _crow(cu, U, torch.int64)
+        self.crow = _crow(self.cu, U, torch.int64)
         self.by_user = run_sum_matrix(self.crow, cnt, index)
         # d m / d mu and d c / d rho per kind: +-1, 0 where a gold label fixes m or the order is unknown
         self.s_m = torch.where(kinds.gold == 0, torch.where(kinds.pick_a, 1.0, -1.0), 0.0).to(dt)
@@ -317,15 +328,15 @@ class _Profile:
         nf = len(self.free)
         self.learn_rho = spec.learn_rho
         self.D = D = nf + int(self.learn_rho)
-        col_of_pair = torch.full((P,), -1, dtype=torch.int64, device=dev)
-        col_of_pair[torch.as_tensor(self.free, device=dev, dtype=torch.int64)] = torch.arange(nf, device=dev)
-        pair = kinds.pair[kind]
-        fc = None if nf == P else torch.nonzero(col_of_pair[pair] >= 0).flatten()
-        cu_f, pair_f = (cu, pair) if fc is None else (cu[fc], pair[fc])
-        ekey = cu_f * P + pair_f
-        start = torch.ones(ekey.shape[0], dtype=torch.bool, device=dev)
-        torch.ne(ekey[1:], ekey[:-1], out=start[1:])
-        del ekey
+        col_of_pair = torch.full((P,), -1, dtype=index, device=dev)
+        col_of_pair[torch.as_tensor(self.free, device=dev, dtype=torch.int64)] = torch.arange(nf, device=dev,
+                                                                                             dtype=index)
+        pair = kinds.pair.to(index).index_select(0, self.kind)
+        fc = None if nf == P else torch.nonzero(col_of_pair.index_select(0, pair) >= 0).flatten()
+        cu_f, pair_f = (self.cu, pair) if fc is None else (self.cu.index_select(0, fc), pair.index_select(0, fc))
+        start = torch.ones(cu_f.shape[0], dtype=torch.bool, device=dev)   # where a (user, pair) run begins
+        torch.ne(cu_f[1:], cu_f[:-1], out=start[1:])
+        start[1:] |= pair_f[1:] != pair_f[:-1]
         first = torch.nonzero(start).flatten()
         self.E = E = first.shape[0]
         # the counts as values (the sign d m / d mu goes on the vector): with every pair free, by_user's own
@@ -335,8 +346,8 @@ class _Profile:
                                    cnt if fc is None else cnt[fc], (E, C))
         del start, pair
         # per entry: its user and column of V, in the index dtype (they index and count, never take part in sums)
-        self.entry_user = cu_f[first].to(index)
-        self.entry_col = col_of_pair[pair_f[first]].to(index)
+        self.entry_user = cu_f.index_select(0, first)
+        self.entry_col = col_of_pair.index_select(0, pair_f.index_select(0, first))
         del cu_f, pair_f, first
         self.crow_ue = _crow(self.entry_user, U, torch.int64)
         if D > DENSE_SCHUR_COLS:
@@ -348,7 +359,7 @@ class _Profile:
             bounds = list(range(0, U, rows)) + [U]
             ce = self.crow_ue[bounds].tolist()
             self.chunks = list(zip(bounds[:-1], bounds[1:], ce[:-1], ce[1:], strict=True))
-            self.entry_local = (self.entry_user % rows) * D + self.entry_col   # position in its block
+            self.entry_local = torch.remainder(self.entry_user, rows).mul_(D).add_(self.entry_col)   # in its block
             self.schur_buf = torch.zeros(min(U, rows) * max(D, 1), dtype=dt, device=dev)
         n_buf = 5 if self.learn_rho else 4
         self.b_d, self.b_q, self.b_r, self.b_t, *rest = (torch.empty(C, dtype=dt, device=dev) for _ in range(n_buf))

@@ -1,7 +1,7 @@
 """Each user's posterior over eta given the fitted globals (a, b, mu): mean, mode, interval, tail mass.
 
-p(eta | y_u) is proportional to L_u(eta) Beta(eta; a, b). The mean is exact (Gauss-Jacobi, as in the
-marginal likelihood). Quantiles and P(eta > tau) come from the CDF on a grid in x = logit(eta),
+p(eta | y_u) is proportional to L_u(eta) Beta(eta; a, b). The mean is exact (Gauss-Jacobi, one node more
+than the marginal likelihood's). Quantiles and P(eta > tau) come from the CDF on a grid in x = logit(eta),
 where the density L_u(sigmoid x) sigmoid(x)^a sigmoid(-x)^b is smooth; the mass beyond the grid's ends
 is added in closed form (the density continued as e^(a x) on the left, e^(-b x) on the right). The grid
 spans |x| <= 20 at most, and for each bucket of users only the part outside which a bound on the
@@ -323,10 +323,10 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
     rp = None if rho_prior is None else tuple(torch.tensor(float(v), dtype=dt, device=dev) for v in rho_prior)
     win, dwin = torch.arange(-2, 3, device=dev), torch.arange(-4, 5, device=dev)
     for bk in plan.buckets:
-        xq, rq, logw = bucket_nodes(at, bt, bk.n_nodes, rp, dt)   # exact for E[eta], E[eta^2]: degree n + 2
+        xq, rq, logw = bucket_nodes(at, bt, bk.moment_nodes, rp, dt)   # exact for E[eta], E[eta^2]
         tab_q = _table(plan, bk, xq, mu, rho_t if rq is None else rq)
         moments = torch.stack([xq, xq * xq])
-        M = _grid_size(2 * bk.n_nodes, pa, pb, rp is not None)
+        M = _grid_size(2 * bk.moment_nodes, pa, pb, rp is not None)
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = 2 * X_EDGE / (M - 1)
         if rp is None:                                           # only the part of the grid that holds mass
@@ -344,7 +344,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
         if rp is None:
             tab, grid_lw, n_rho = _table(plan, bk, torch.sigmoid(x), mu, rho_t), None, 1
         else:
-            xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.n_nodes, RHO_NODE_CAP))
+            xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.moment_nodes, RHO_NODE_CAP))
             n_rho = xr.shape[0]
             tab = _table(plan, bk, torch.sigmoid(x).repeat_interleave(n_rho), mu, xr.repeat(M))
         search = _search_weights(h, pa, pb, ps).t().contiguous()   # [P, 3]: a small mv beats a [R, 3] @ [3, P] mm

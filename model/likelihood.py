@@ -6,11 +6,13 @@ For user u with cells (kind, count) (see :mod:`heedful.suffstats`),
     L_u(eta)     = prod_cells (c_kind + eta (m_kind - c_kind))^count
     m_u          = E_{eta ~ Beta(a, b)}[L_u(eta)]     (eta integrated out)
 
-L_u is a polynomial of degree n_u (the user's votes) in eta, so Gauss-Jacobi quadrature with
-G >= (n_u + 2) / 2 nodes gives m_u (and the posterior mean) exactly. Users are grouped in buckets of
+L_u is a polynomial of degree n_u (the user's votes) in eta, and so are its derivatives in mu and rho, so
+Gauss-Jacobi quadrature with G >= (n_u + 1) / 2 nodes gives m_u and those derivatives exactly, and its
+derivatives in a and b too (the rule is exact at every a, b); the posterior's mean and sd (degree n_u + 2)
+take one node more. Users are grouped in buckets of
 similar n_u, each with its own G; inside a bucket the distinct (kind, count) patterns are evaluated
 once and summed per user with a sparse incidence matrix, so the cost grows with the number of votes,
-not with users x the largest user's G. Users with more than ``2 * cap - 4`` votes share ``cap`` nodes:
+not with users x the largest user's G. Users with more than ``2 * cap - 1`` votes share ``cap`` nodes:
 no longer exact, but their likelihood is smooth and the error is far below the statistical error.
 Gold labels add sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)] (t observed).
 """
@@ -18,9 +20,10 @@ Gold labels add sum_p [gold_a log mu_p + (gold_n - gold_a) log(1 - mu_p)] (t obs
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -82,7 +85,8 @@ class Bucket:
     background thread (numpy's sort and gather release the GIL) while the fit starts, and waited for on first use.
     """
 
-    n_nodes: int
+    n_nodes: int                # Gauss-Jacobi nodes of the marginal and its derivatives (exact: degree n_max)
+    moment_nodes: int           # ... of the posterior's mean and sd (exact: degree n_max + 2; one more unless capped)
     users: torch.Tensor         # long [Ub]: global user index
     pattern_kind: torch.Tensor  # long [Q]
     count: torch.Tensor         # [Q]
@@ -247,7 +251,8 @@ class QuadraturePlan:
     n_users: int
     n_pairs: int
     kinds: Kinds
-    pending: list[Bucket] | Future = field(repr=False)   # the buckets, or their build in progress
+    pending: list[Bucket] | Future | Callable[[], list[Bucket]] = field(repr=False)   # the buckets, their build in
+    # progress, or (a lazy plan) their build when first asked for
     gold_a: torch.Tensor
     gold_n: torch.Tensor
     device: torch.device
@@ -258,6 +263,8 @@ class QuadraturePlan:
         """Users grouped by vote count with their patterns and incidence (waits for their build)."""
         if isinstance(self.pending, Future):
             self.pending = self.pending.result()
+        elif callable(self.pending):
+            self.pending = self.pending()
         return self.pending
 
     def wait(self) -> None:
@@ -283,9 +290,11 @@ class QuadraturePlan:
                 torch.set_num_threads(threads)
 
 
-def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP) -> QuadraturePlan:
+def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: int = NODE_CAP,
+               lazy: bool = False) -> QuadraturePlan:
     """The plan of ``stats``: its kinds and gold counts at once, its buckets (:func:`_buckets`) in a background
-    thread from BACKGROUND_CELLS cells on."""
+    thread from BACKGROUND_CELLS cells on; ``lazy``: the buckets only when first asked for (em's profile Newton
+    needs none)."""
     args = (stats, device, dtype, cap)
     k = stats.kinds()
     kinds = Kinds(pair=torch.as_tensor(k["pair"], device=device),
@@ -293,7 +302,9 @@ def build_plan(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: 
                   first=torch.as_tensor(k["first"], device=device),
                   gold=torch.as_tensor(k["gold"], device=device))
     return QuadraturePlan(stats.n_users, stats.n_pairs, kinds,
-                          _background(_buckets, *args) if len(stats.cell_user) >= BACKGROUND_CELLS else _buckets(*args),
+                          functools.partial(_buckets, *args) if lazy
+                          else _background(_buckets, *args) if len(stats.cell_user) >= BACKGROUND_CELLS
+                          else _buckets(*args),
                           torch.as_tensor(stats.gold_a, device=device, dtype=dtype),
                           torch.as_tensor(stats.gold_n, device=device, dtype=dtype), torch.device(device), dtype)
 
@@ -343,6 +354,7 @@ def _buckets(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: in
         args = (rows, inv, q, len(users), ones, block)
         buckets.append(Bucket(
             n_nodes=nodes_for(int(nu[users].max()), cap),
+            moment_nodes=nodes_for(int(nu[users].max()), cap, moments=2),
             users=torch.as_tensor(users, device=device),
             pattern_kind=torch.as_tensor(uniq // width, device=device),
             count=torch.as_tensor(uniq % width, device=device, dtype=dtype),

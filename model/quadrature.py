@@ -52,6 +52,8 @@ def gauss_jacobi(a: torch.Tensor, b: torch.Tensor, n_nodes: int) -> tuple[torch.
     return x, logw
 
 
-def nodes_for(max_votes: int, cap: int) -> int:
-    """Nodes that make the marginal and the posterior mean exact for users with up to ``max_votes`` votes."""
-    return int(min(max(max_votes // 2 + 2, 2), cap))
+def nodes_for(max_votes: int, cap: int, moments: int = 0) -> int:
+    """Nodes G (at least 2, at most ``cap``) exact for E[eta^moments L_u(eta)] for users with up to ``max_votes``
+    votes: L_u has degree n_u, so 2G - 1 >= max_votes + moments. ``moments=0``: the marginal likelihood and its
+    derivatives in the globals (polynomials of the same degree); 2: the posterior's mean and sd."""
+    return int(min(max((max_votes + moments) // 2 + 1, 2), cap))

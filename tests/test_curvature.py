@@ -64,6 +64,29 @@ def test_exact_derivatives_match_autograd_and_finite_differences(case):
     assert np.allclose(H, H.T)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_marginal_nodes_are_exact_and_one_fewer_is_not(case):
+    """Each bucket's n_nodes = n_max // 2 + 1 Gauss-Jacobi nodes integrate L_u (degree n_u) exactly: the objective,
+    its gradient and its Hessian equal those on three nodes more, to rounding. One node fewer misses (n_max is
+    even in a bucket of this data, so 2 (n_nodes - 1) - 1 < n_max there); the posterior keeps one node more
+    than the marginal for its moments (the same 2 for the one-vote bucket)."""
+    _, plan, spec, theta = _setup(case)
+
+    def with_nodes(extra: int):
+        buckets = [dataclasses.replace(bk, n_nodes=bk.n_nodes + extra) for bk in plan.buckets]
+        return marginal_derivatives(dataclasses.replace(plan, pending=buckets), spec, theta)
+
+    f, g, H = marginal_derivatives(plan, spec, theta)
+    f3, g3, H3 = with_nodes(3)
+    assert f == pytest.approx(f3, rel=1e-13, abs=1e-9)
+    np.testing.assert_allclose(g, g3, rtol=1e-10, atol=1e-8)
+    assert np.abs(H - H3).max() < 1e-9 * np.abs(H).max()
+    f1, *_ = with_nodes(-1)
+    assert abs(f1 - f) > 1e-6 * abs(f)
+    assert all(bk.moment_nodes >= bk.n_nodes for bk in plan.buckets)
+    assert plan.buckets[-1].moment_nodes == plan.buckets[-1].n_nodes + 1
+
+
 def test_ridge_coordinates_round_trip_and_carry_the_hessian_back_to_theta():
     _, plan, spec, theta = _setup("learned rho with a prior")
     coords = RidgeCoordinates(spec)

@@ -190,3 +190,51 @@ def test_em_eta_map_is_the_posterior_mode_so_the_fit_skips_the_refinement():
     np.testing.assert_array_equal(model.users_.eta_hat, model.fit_.eta_map)
     for name in ("mean", "lo", "hi", "sd"):
         np.testing.assert_allclose(getattr(model.posterior_, name), getattr(full, name), rtol=1e-12, atol=1e-15)
+
+
+def test_cells_in_any_order_give_the_same_fit():
+    """_Profile checks the (user, kind) order pairwise and sorts the cells when it does not hold: cells shuffled,
+    or two kinds of one user swapped, give the sorted cells' fit (here with a known mu: that pair's cells are
+    left out of V)."""
+    import dataclasses
+
+    pairs = default_pairs(3, 0.8)
+    sim = simulate(400, 10, pairs=pairs, position_share=0.5, seed=8)
+    stats = vote_stats(sim.votes)
+    n = len(stats.cell_user)
+    first_user = np.flatnonzero(stats.cell_user == stats.cell_user[0])
+    assert len(first_user) >= 2
+    swap = np.arange(n)
+    swap[first_user[:2]] = first_user[1::-1]
+    priors = Priors(eta=(2.0, 2.0), casual="position", pairs=(PairPrior(*pairs[0][:2], mu=pairs[0][2]),))
+    assert not global_spec(stats, priors).free_mu.all()
+    fits = []
+    for order in (np.arange(n), swap, np.random.default_rng(0).permutation(n)):
+        s = dataclasses.replace(stats, cell_user=stats.cell_user[order], cell_kind=stats.cell_kind[order],
+                                cell_count=stats.cell_count[order])
+        cells = s.tensors(CPU, torch.float64)
+        assert em._ascending(cells["cell_user"], cells["cell_kind"]) == (len(fits) == 0)
+        fits.append(fit_em(s, build_plan(s, CPU, torch.float64), global_spec(s, priors), cells, solver="newton"))
+    for f in fits[1:]:
+        np.testing.assert_allclose(f.mu, fits[0].mu, atol=1e-10)
+        np.testing.assert_allclose(f.eta_map, fits[0].eta_map, atol=1e-10)
+        assert f.objective == pytest.approx(fits[0].objective, rel=1e-12)
+
+
+def test_the_warm_start_samples_build_no_buckets(monkeypatch):
+    """Profile Newton on a warm-start sample needs the plan's kinds and gold counts only: the sample plans are
+    lazy, and the buckets are built once, for the full data's plan (its marginal curvature at the end)."""
+    import heedful.inference.globals as G
+    import heedful.model.likelihood as L
+
+    sim = simulate(6_000, 8, pairs=default_pairs(3, 0.8), seed=6)
+    monkeypatch.setattr(G, "WARM_FACTOR", 4)
+    monkeypatch.setattr(G, "WARM_USERS", 256)      # samples of 1,500 and 375 users
+    runs, built = [], []
+    run = em._Profile.run
+    monkeypatch.setattr(em._Profile, "run", lambda self, *a: runs.append(self.U) or run(self, *a))
+    build = L._buckets
+    monkeypatch.setattr(L, "_buckets", lambda stats, *a: built.append(stats.n_users) or build(stats, *a))
+    fit = _fit(sim.votes, Priors(eta=(2.0, 2.0)), "newton")
+    assert fit.converged and runs == [375, 1500, 6000]
+    assert built == [6000]

@@ -338,3 +338,24 @@ def test_work_beside_the_plans_build_leaves_it_a_core(monkeypatch):
     finally:
         release.set()
         torch.set_num_threads(before)
+
+
+def test_a_lazy_plan_builds_its_buckets_when_first_asked_for(monkeypatch):
+    """build_plan(lazy=True) holds the kinds and gold counts at once and builds the buckets, inline, only when
+    they are first used (em's warm-start samples never ask): the same buckets as an eager plan's."""
+    import heedful.model.likelihood as L
+    from heedful.simulate import default_pairs, simulate
+
+    stats = vote_stats(simulate(300, 9, pairs=default_pairs(3, 0.8), seed=4).votes)
+    built = []
+    build = L._buckets
+    monkeypatch.setattr(L, "_buckets", lambda *a: built.append(1) or build(*a))
+    eager = build_plan(stats, torch.device("cpu"), F64)
+    lazy = build_plan(stats, torch.device("cpu"), F64, lazy=True)
+    assert len(built) == 1 and lazy.n_users == stats.n_users and torch.equal(lazy.kinds.pair, eager.kinds.pair)
+    for x, y in zip(eager.buckets, lazy.buckets, strict=True):
+        _assert_same_csr(x.incidence, y.incidence)
+        assert torch.equal(x.users, y.users) and torch.equal(x.count, y.count) and x.n_nodes == y.n_nodes
+    assert len(built) == 2 and isinstance(lazy.pending, list)
+    _ = lazy.buckets
+    assert len(built) == 2                                   # built once, kept

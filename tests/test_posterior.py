@@ -124,7 +124,7 @@ def test_summaries_match_quadrature_over_a_spread_of_users(a, b, rho, rho_prior)
     steps = {}
     for bk in plan.buckets:
         for u in bk.users.tolist():
-            steps[u] = 2 * X_EDGE / (_grid_size(2 * bk.n_nodes, a, b, True) - 1)
+            steps[u] = 2 * X_EDGE / (_grid_size(2 * bk.moment_nodes, a, b, True) - 1)
     for u in range(st.n_users):
         d = df[df.user_id == st.users[u]]
         y = (d.choice == "a").to_numpy()
