@@ -217,11 +217,13 @@ def marginal_derivatives(plan: QuadraturePlan, spec: GlobalSpec, theta: torch.Te
             Q, G = C.shape
             jt = (jt.reshape(Q * G, lay.size) @ Jg).view(Q, G, K)          # dT/dtheta [Q, G, K]
             jw = jw @ Jg                                                   # d log w/dtheta [G, K]
+            with_w = bool(jw.any())         # 0 when (a, b) are held fixed (em): no pass adds it
             rows = max(1, (GPU_CHUNK_ELEMENTS if plan.device.type == "cuda" else CHUNK_ELEMENTS) // max(G * K, 1))
             for start, inc in bk.row_chunks(rows):
                 n = inc.shape[0]
                 d = (inc @ jt.reshape(Q, G * K)).view(n, G, K)
-                d += jw
+                if with_w:
+                    d += jw
                 pc = p[start:start + n]
                 d -= torch.einsum("ug,ugk->uk", pc, d)[:, None, :]     # D - E_P[D]
                 d *= pc.sqrt()[:, :, None]
