@@ -336,6 +336,7 @@ def _buckets(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: in
     top_kind = int(cell_kind.max(initial=0)) + 1
     for j, s, e in zip(present, bounds[:-1], bounds[1:], strict=True):
         users = np.flatnonzero(bucket_of_user == j)
+        n_max = int(nu[users].max())                  # the bucket's heaviest user: its nodes
         cells = order[s:e] if order is not None else slice(None) if len(present) == 1 else bucket_of_cell == j
         local[users] = np.arange(len(users), dtype=index)
         count = cell_count[cells]
@@ -353,8 +354,8 @@ def _buckets(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: in
         block = TRANSPOSE_BLOCK if torch.device(device).type == "cpu" else max(len(users), 1)
         args = (rows, inv, q, len(users), ones, block)
         buckets.append(Bucket(
-            n_nodes=nodes_for(int(nu[users].max()), cap),
-            moment_nodes=nodes_for(int(nu[users].max()), cap, moments=2),
+            n_nodes=nodes_for(n_max, cap),
+            moment_nodes=nodes_for(n_max, cap, moments=2),
             users=torch.as_tensor(users, device=device),
             pattern_kind=torch.as_tensor(uniq // width, device=device),
             count=torch.as_tensor(uniq % width, device=device, dtype=dtype),
