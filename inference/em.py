@@ -30,7 +30,10 @@ One iteration = one eta solve (a few vectorised passes over the cells, to Newton
 and one accepted theta step; iteration 1 solves for eta at the starting theta only. Converged when the
 Newton step in theta predicts a gain below ``tol * max(1, |F|)`` (that step is still taken, with an eta
 solve to Newton steps below 1e-11), or a full step gained less (then eta alone is solved to 1e-11, one
-more value in the trace). Per-user rho_u
+more value in the trace), or the predictions fall quadratically: a full step predicting p after a full step
+that predicted p' (the same bounds active), with p <= SETTLE_RATIO p' and p^2 / p' <= tol max(1, |F|), is taken
+with the exact eta solve and ends the fit when it gains p to within p / 2 (the next step would gain about
+p^2 / p'; at 10M votes this saves an iteration: a curvature and an eta solve). Per-user rho_u
 (``spec.rho_user``) is fitted by plain EM. On many users (:func:`heedful.inference.globals.warm_sample`)
 profile Newton starts at the (mu, rho) it reaches on a random sample of them: the same fixed point in
 fewer passes over all the cells.
@@ -64,6 +67,7 @@ INNER_PASSES = 100          # at most this many Newton passes per eta solve
 LOOSE_XTOL = 1e-5           # Newton step that ends an eta solve before the last one
 LINE_SEARCH_STEPS = 30      # halvings of the theta step before giving up
 ARMIJO = 1e-4
+SETTLE_RATIO = 1e-2         # predicted gains falling this fast (or faster) per full Newton step: quadratic convergence
 DENSE_SCHUR_COLS = 256      # V^T W V by dense user chunks up to this many theta's, by a sparse product beyond
 SCHUR_CHUNK = 1 << 19       # entries of one dense user block
 
@@ -614,6 +618,7 @@ class _Profile:
         eta, obj, g, h = self.solve_eta(eta, self.xtol if converged else loose)
         record(obj)
         polished, last_step = converged, None
+        prev = None     # (predicted gain, active bounds) of the last full, unmodified Newton step
         while not converged and it < max_iter:
             grad, Hs, w, V, r = self.curvature(eta, g, h, *put(x))
             scale = tol * max(1.0, abs(obj))
@@ -633,12 +638,16 @@ class _Profile:
                 if converged and it < max_iter:   # take this step too, with the exact eta solve below
                     last_step = (np.clip(x + step, lb, ubx), w, V, r)
                 break
+            # quadratic convergence: the step after this one would gain about predicted^2 / prev, below tol
+            settling = (prev is not None and not modified and np.array_equal(out, prev[1])
+                        and predicted <= SETTLE_RATIO * prev[0] and predicted * predicted <= scale * prev[0]
+                        and np.array_equal(np.clip(x + step, lb, ubx), x + step))
             t, accepted = 1.0, False
             for _ in range(LINE_SEARCH_STEPS):
                 xt = np.clip(x + t * step, lb, ubx)
                 dx = xt - x
                 self.set_globals(*put(xt))
-                res = self.solve_eta(self.predict(eta, w, V, r, dx), loose)
+                res = self.solve_eta(self.predict(eta, w, V, r, dx), self.xtol if settling and t == 1.0 else loose)
                 if res[1] >= obj + ARMIJO * float(grad @ dx) and res[1] >= obj:
                     accepted = True
                     break
@@ -653,6 +662,9 @@ class _Profile:
             record(obj)
             if t == 1.0 and not modified and not out.any() and gain <= scale:
                 converged = True
+            elif settling and t == 1.0 and abs(gain - predicted) <= 0.5 * predicted:   # the model held: done
+                converged = polished = True
+            prev = (predicted, out) if t == 1.0 and not modified else None
         if last_step is not None:   # the last Newton step: its gain is below tol but it costs one eta solve
             xt, w, V, r = last_step
             self.set_globals(*put(xt))
