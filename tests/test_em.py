@@ -272,3 +272,36 @@ def test_newton_stops_once_quadratic_convergence_leaves_less_than_tol(monkeypatc
     inner = fit.mu < 1 - 1e-9                      # the clamped mu's gradient points out of the box
     assert grad[~inner].min() > 0
     assert 0.5 * grad[inner] @ np.linalg.solve(-Hs[np.ix_(inner, inner)], grad[inner]) <= 1e-9 * abs(obj)
+
+
+@pytest.mark.parametrize("case", ["flat", "beta", "position"])
+def test_the_first_eta_solve_starts_inside_each_users_grid_bracket(case):
+    """``start_eta`` puts each user within one START_GRID cell of eta*_u (exactly on a box end where eta*_u is
+    there), users without a cell under Beta(1, 1) at 1/2; solving from there reaches the eta* of the solve
+    from eta = 1/2 in fewer passes over the cells."""
+    sim = simulate(500, 8, pairs=default_pairs(3, 0.8), vote_counts="geometric", tie_rate=0.2, seed=9,
+                   position_share=1.0 if case == "position" else 0.0, position_rho=0.7)
+    if case == "position":
+        priors = priors_from_dict({"population": {"eta": "Beta(2, 2)"}, "behaviour": {"casual": "position"}})
+        a = b = 2.0
+    else:
+        a, b = (1.0, 1.0) if case == "flat" else (2.0, 3.0)
+        priors = Priors(eta=(a, b))
+    stats = vote_stats(sim.votes)
+    spec = global_spec(stats, priors)
+    prof = em._Profile(stats, build_plan(stats, CPU, torch.float64), spec, stats.tensors(CPU, torch.float64), a, b)
+    mu = np.array([0.7, 0.75, 1 - 1e-9])            # one mu on its clamp: f_u' has a pole next to eta = 1
+    prof.set_globals(mu, 0.7 if spec.learn_rho else None)
+    start = prof.start_eta()
+    prof.passes = 0
+    ref, ref_obj = prof.solve_eta(torch.full((prof.U,), 0.5, dtype=torch.float64), prof.xtol)[:2]
+    half_passes, prof.passes = prof.passes, 0
+    eta, obj = prof.solve_eta(start, prof.xtol)[:2]
+    empty = prof.crow[1:] == prof.crow[:-1]
+    assert bool(empty.any())
+    assert bool(((ref <= 0) <= (start == 0)).all()) and bool(((ref >= prof.ub) <= (start == prof.ub)).all())
+    assert (start - ref).abs().max() <= prof.ub / (em.START_GRID - 1)
+    if case == "flat":
+        assert bool((ref == 0).any()) and bool((ref >= prof.ub).any()) and bool((start[empty] == 0.5).all())
+    torch.testing.assert_close(eta, ref, atol=1e-9, rtol=0)
+    assert obj == pytest.approx(ref_obj, rel=1e-13) and prof.passes < half_passes
