@@ -387,11 +387,11 @@ class _Profile:
         kinds, dt, dev = self.plan.kinds, self.dt, self.dev
         mu_t = torch.as_tensor(mu, dtype=dt, device=dev)
         rho_t = None if rho is None else torch.tensor(rho, dtype=dt, device=dev)
-        c_k = casual_prob(kinds.first, rho_t).to(dt)
+        self.c_k = c_k = casual_prob(kinds.first, rho_t).to(dt)       # per kind, kept for start_eta
+        self.d_k = kinds.attentive_prob(mu_t) - c_k
         if self.b_c.dim():
             torch.index_select(c_k, 0, self.kind, out=self.b_c)
-        torch.index_select(kinds.attentive_prob(mu_t) - c_k, 0, self.kind, out=self.b_d)
-        self.mu_t, self.rho_t = mu_t, rho_t
+        torch.index_select(self.d_k, 0, self.kind, out=self.b_d)
         g = Globals(self.at, self.bt, mu_t, rho_t if self.learn_rho else None)
         self.glob = float(gold_loglik(self.plan, mu_t) + self.spec.log_prior(torch.zeros(0, dtype=dt), g))
 
@@ -435,17 +435,11 @@ class _Profile:
         it within about 1e-3. Users with f_u' <= 0 at 0 (or >= 0 at ub) start on that end; users with no cell
         and a flat prior at 1/2, as plain EM leaves them. Two passes over the cells then settle most users
         (from eta = 1/2: six, at 10M votes)."""
-        kinds, dt, dev, ub, U = self.plan.kinds, self.dt, self.dev, self.ub, self.U
+        dt, dev, ub, U, c_k, d_k = self.dt, self.dev, self.ub, self.U, self.c_k, self.d_k
         e = torch.linspace(0.0, ub, START_GRID, dtype=dt, device=dev)
-        c_k = casual_prob(kinds.first, self.rho_t).to(dt)
-        d_k = kinds.attentive_prob(self.mu_t) - c_k
         table = d_k[:, None] / torch.addcmul(c_k[:, None], d_k[:, None], e[None, :])          # [K, G]
-        prior = torch.zeros(START_GRID, dtype=dt, device=dev)
-        with torch.no_grad():
-            if self.a > 1:
-                prior += (self.a - 1) / e
-            if self.b > 1:
-                prior -= (self.b - 1) / (1 - e)
+        zero = torch.zeros_like(e)
+        prior = self.with_prior(e, zero, zero)[0]                      # the prior's part of f_u'(e_g)
         col = self.kind
         eta = torch.empty(U, dtype=dt, device=dev)
         rows = max(1, SCHUR_CHUNK // START_GRID)
