@@ -312,9 +312,9 @@ class _Profile:
         C = cu.shape[0]
         index = torch.int32 if max(C, U * max(P, 1)) < 2**31 - 1 else torch.int64
         self.U, self.P, self.C, self.index = U, P, C, index
-        # per-cell indices in the index dtype (int32 mostly: half the memory, and no int64 keys formed to check
-        # the order, which the counting already gives)
-        self.cu, self.kind = cu.to(index), kind.to(index)
+        # per-cell users in the index dtype (int32 mostly: every pass over the cells gathers eta by them, faster
+        # by a quarter than by int64); the kinds as given (gathered once per theta, 35 MB not copied at 10M votes)
+        self.cu, self.kind = cu.to(index), kind
         if not _ascending(self.cu, self.kind):
             order = torch.argsort(cu * K + kind, stable=True)
             self.cu, self.kind, cnt = self.cu[order], self.kind[order], cnt[order]
@@ -449,7 +449,7 @@ class _Profile:
             u1 = min(U, u0 + rows)
             crow = self.crow[u0:u1 + 1]
             c0, c1 = int(crow[0]), int(crow[-1])
-            counts = csr_tensor((crow - c0).to(self.index), col[c0:c1], self.cnt[c0:c1], (u1 - u0, table.shape[0]))
+            counts = csr_tensor((crow - c0).to(col.dtype), col[c0:c1], self.cnt[c0:c1], (u1 - u0, table.shape[0]))
             slope = (counts @ table).add_(prior)                                                # f_u'(e_g)
             j = (slope > 0).sum(1)
             left, right = (j - 1).clamp(0, START_GRID - 1), j.clamp(0, START_GRID - 1)
