@@ -365,7 +365,6 @@ class _Profile:
             bounds = list(range(0, U, rows)) + [U]
             ce = self.crow_ue[bounds].tolist()
             self.chunks = list(zip(bounds[:-1], bounds[1:], ce[:-1], ce[1:], strict=True))
-            self.entry_local = torch.remainder(self.entry_user, rows).mul_(D).add_(self.entry_col)   # in its block
             self.schur_buf = torch.zeros(min(U, rows) * max(D, 1), dtype=dt, device=dev)
         # d, q and scratch per cell; two more scratch buffers only where rho is learned (the curvature's z = (1 - e)
         # / q and products beside x = e / q): 10M votes, 70 MB fewer fresh pages in the common case
@@ -619,7 +618,7 @@ class _Profile:
         buf = self.schur_buf
         for u0, u1, e0, e1 in self.chunks:
             block = buf[:(u1 - u0) * D].zero_()
-            block[self.entry_local[e0:e1]] = ve[e0:e1]
+            block[(self.entry_user[e0:e1] - u0).mul_(D).add_(self.entry_col[e0:e1])] = ve[e0:e1]   # entries in it
             block = block.view(u1 - u0, D)
             if vr is not None:
                 block[:, -1] = vr[u0:u1]
