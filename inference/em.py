@@ -366,9 +366,10 @@ class _Profile:
             ce = self.crow_ue[bounds].tolist()
             self.chunks = list(zip(bounds[:-1], bounds[1:], ce[:-1], ce[1:], strict=True))
             self.schur_buf = torch.zeros(min(U, rows) * max(D, 1), dtype=dt, device=dev)
-        # d, q and scratch per cell; two more scratch buffers only where rho is learned (the curvature's z = (1 - e)
-        # / q and products beside x = e / q): 10M votes, 70 MB fewer fresh pages in the common case
-        self.b_d, self.b_q, self.b_t = (torch.empty(C, dtype=dt, device=dev) for _ in range(3))
+        # q and one scratch per cell (d = m - c is gathered per kind by each pass: one gather more per pass and one
+        # fewer per theta); two more scratch buffers only where rho is learned (the curvature's z = (1 - e) / q and
+        # products beside x = e / q): 10M votes, 140 MB fewer fresh pages in the common case than four buffers
+        self.b_q, self.b_t = (torch.empty(C, dtype=dt, device=dev) for _ in range(2))
         self.b_s, self.b_u = ((torch.empty(C, dtype=dt, device=dev) for _ in range(2)) if self.learn_rho
                               else (None, None))
         # c per cell: one value (CASUAL, a 0-d tensor that broadcasts) where no vote's order is modelled (rho None),
@@ -384,27 +385,27 @@ class _Profile:
 
     # -- the globals and passes over the cells ------------------------------------------------------------
     def set_globals(self, mu: np.ndarray, rho: float | None) -> None:
-        """c and d = m - c per cell, and the eta-free part of F, at (mu, rho)."""
+        """c and d = m - c per kind (c per cell too where it varies), and the eta-free part of F, at (mu, rho)."""
         kinds, dt, dev = self.plan.kinds, self.dt, self.dev
         mu_t = torch.as_tensor(mu, dtype=dt, device=dev)
         rho_t = None if rho is None else torch.tensor(rho, dtype=dt, device=dev)
-        self.c_k = c_k = casual_prob(kinds.first, rho_t).to(dt)       # per kind, kept for start_eta
+        self.c_k = c_k = casual_prob(kinds.first, rho_t).to(dt)
         self.d_k = kinds.attentive_prob(mu_t) - c_k
         if self.b_c.dim():
             torch.index_select(c_k, 0, self.kind, out=self.b_c)
-        torch.index_select(self.d_k, 0, self.kind, out=self.b_d)
         g = Globals(self.at, self.bt, mu_t, rho_t if self.learn_rho else None)
         self.glob = float(gold_loglik(self.plan, mu_t) + self.spec.log_prior(torch.zeros(0, dtype=dt), g))
 
     def cell_pass(self, eta: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per user sum n d/q and sum n (d/q)^2 for all users, or for ``users`` over their cells only;
         b_q keeps q = c + e d (e = eta[cu]) of the cells passed over."""
-        b_c, b_d, b_q, b_t = self.b_c, self.b_d, self.b_q, self.b_t
+        b_c, b_q, b_t = self.b_c, self.b_q, self.b_t
         if users is None:
             self.passes += 1
-            torch.index_select(eta, 0, self.cu, out=b_q)                  # e, until q is formed in place
-            torch.addcmul(b_c, b_d, b_q, out=b_q)
-            r = torch.div(b_d, b_q, out=b_t)
+            e = torch.index_select(eta, 0, self.cu, out=b_q)              # e, until q is formed in place
+            d = torch.index_select(self.d_k, 0, self.kind, out=b_t)       # d, until r = d / q is
+            torch.addcmul(b_c, d, e, out=b_q)
+            r = torch.div(d, b_q, out=b_t)
             return self.by_user @ r, self.by_user @ r.square_()
         starts = self.crow[users]
         lens = self.crow[users + 1] - starts
@@ -413,7 +414,7 @@ class _Profile:
         self.passes += n / max(self.C, 1)
         idx = torch.arange(n, device=self.dev) + torch.repeat_interleave(starts - crow[:-1], lens, output_size=n)
         e = torch.repeat_interleave(eta[users], lens, output_size=n)
-        d = b_d[idx]
+        d = self.d_k[self.kind[idx]]
         q = torch.addcmul(b_c[idx] if b_c.dim() else b_c, d, e)
         r = d.div_(q)
         sub = run_sum_matrix(crow, self.cnt[idx], self.index)
@@ -558,7 +559,7 @@ class _Profile:
             grad[-1] = float((per_kind(b_u, b_s) * s_c).sum())
             H[:-1, -1] = H[-1, :-1] = -per_pair(per_kind(torch.mul(b_t, b_u, out=b_s)) * s_m * s_c)
             H[-1, -1] = -float((per_kind(b_u.square_()) * s_c.square()).sum())
-            torch.add(self.b_c, self.b_d, out=b_u).div_(b_q).div_(b_q)   # m / q^2
+            torch.index_select(self.c_k + self.d_k, 0, self.kind, out=b_u).div_(b_q).div_(b_q)   # m / q^2
             vr = -(self.by_user @ b_u.mul_(torch.index_select(s_c, 0, self.kind, out=b_s)))
             x = b_t
         else:   # one scratch buffer: x formed again for its square
