@@ -353,10 +353,13 @@ class _Profile:
                                    cnt if fc is None else cnt[fc], (E, C))
         del start, pair
         # per entry: its user and column of V, in the index dtype (they index and count, never take part in sums)
-        self.entry_user = cu_f.index_select(0, first)
+        entry_user = cu_f.index_select(0, first)
         self.entry_col = col_of_pair.index_select(0, pair_f.index_select(0, first))
         del cu_f, pair_f, first
-        self.crow_ue = _crow(self.entry_user, U, torch.int64)
+        self.crow_ue = _crow(entry_user, U, torch.int64)
+        # the entries' users are kept for the sparse Schur product only; the dense blocks and V's rho column form
+        # them from crow_ue where needed (10M votes: 26 MB fewer for the fit)
+        self.entry_user = entry_user if D > DENSE_SCHUR_COLS else None
         if D > DENSE_SCHUR_COLS:
             t_order = torch.argsort(self.entry_col * U + self.entry_user)   # < P U, within the index dtype
             self.t_order = t_order
@@ -585,7 +588,7 @@ class _Profile:
         r = torch.where(hit, (eta + r).clamp(0, self.ub) - eta, r)
         w = torch.where(hit, 0.0, w)
         if vr is not None:   # V with the rho column: entries per (user, pair) and one per user
-            rows = torch.cat([self.entry_user, torch.arange(U, device=dev, dtype=self.index)])
+            rows = torch.cat([self.entry_users(), torch.arange(U, device=dev, dtype=self.index)])
             order = torch.argsort(rows, stable=True)
             col = torch.cat([self.entry_col, torch.full((U,), D - 1, device=dev, dtype=self.index)])[order]
             V = csr_tensor(_crow(rows[order], U, self.index), col, torch.cat([ve, vr])[order], (U, D))
@@ -620,13 +623,22 @@ class _Profile:
         buf = self.schur_buf
         for u0, u1, e0, e1 in self.chunks:
             block = buf[:(u1 - u0) * D].zero_()
-            block[(self.entry_user[e0:e1] - u0).mul_(D).add_(self.entry_col[e0:e1])] = ve[e0:e1]   # entries in it
+            local = torch.repeat_interleave(torch.arange(0, (u1 - u0) * D, D, dtype=self.index, device=dev),
+                                            self.crow_ue[u0 + 1:u1 + 1] - self.crow_ue[u0:u1], output_size=e1 - e0)
+            block[local.add_(self.entry_col[e0:e1])] = ve[e0:e1]              # (user - u0) D + column
             block = block.view(u1 - u0, D)
             if vr is not None:
                 block[:, -1] = vr[u0:u1]
             S.addmm_(block.T, block * w[u0:u1, None])
             corr.addmv_(block.T, r[u0:u1])
         return S.cpu().double().numpy(), corr.cpu().double().numpy()
+
+    def entry_users(self) -> torch.Tensor:
+        """The user of every (user, free pair) entry, in the index dtype."""
+        if self.entry_user is not None:
+            return self.entry_user
+        return torch.repeat_interleave(torch.arange(self.U, dtype=self.index, device=self.dev), self.crow_ue.diff(),
+                                       output_size=self.E)
 
     def predict(self, eta: torch.Tensor, w: torch.Tensor, V: torch.Tensor, r: torch.Tensor, step: np.ndarray
                 ) -> torch.Tensor:
