@@ -550,14 +550,15 @@ class _Profile:
             out = torch.zeros(self.P, dtype=self.dt, device=dev).index_add_(0, kinds.pair, x_kind)
             return out[free].cpu().double().numpy()
 
-        def ratio(out: torch.Tensor) -> torch.Tensor:       # x = e / q = d log q / d m, e = eta[cu]
-            return torch.div(torch.index_select(eta, 0, self.cu, out=out), b_q, out=out)
+        def ratio(out: torch.Tensor, e_out: torch.Tensor | None = None) -> torch.Tensor:
+            """x = e / q = d log q / d m into ``out``, e = eta[cu] kept in ``e_out`` (formed in ``out`` when None)."""
+            return torch.div(torch.index_select(eta, 0, self.cu, out=out if e_out is None else e_out), b_q, out=out)
 
         # eta is the point of the last pass over every cell (b_q holds its q)
         grad, H = np.zeros(D), np.zeros((D, D))
         vr = None
         if self.learn_rho:
-            torch.div(torch.index_select(eta, 0, self.cu, out=b_u), b_q, out=b_t)     # x, and e kept in b_u
+            ratio(b_t, b_u)
             grad[:nf] = per_pair(per_kind(b_t, b_s) * s_m)
             b_u.neg_().add_(1).div_(b_q)                              # z = (1 - e) / q = d log q / d c
             grad[-1] = float((per_kind(b_u, b_s) * s_c).sum())
@@ -623,9 +624,7 @@ class _Profile:
         buf = self.schur_buf
         for u0, u1, e0, e1 in self.chunks:
             block = buf[:(u1 - u0) * D].zero_()
-            local = torch.repeat_interleave(torch.arange(0, (u1 - u0) * D, D, dtype=self.index, device=dev),
-                                            self.crow_ue[u0 + 1:u1 + 1] - self.crow_ue[u0:u1], output_size=e1 - e0)
-            block[local.add_(self.entry_col[e0:e1])] = ve[e0:e1]              # (user - u0) D + column
+            block[(self.entry_users(u0, u1) - u0).mul_(D).add_(self.entry_col[e0:e1])] = ve[e0:e1]   # entries in it
             block = block.view(u1 - u0, D)
             if vr is not None:
                 block[:, -1] = vr[u0:u1]
@@ -633,12 +632,14 @@ class _Profile:
             corr.addmv_(block.T, r[u0:u1])
         return S.cpu().double().numpy(), corr.cpu().double().numpy()
 
-    def entry_users(self) -> torch.Tensor:
-        """The user of every (user, free pair) entry, in the index dtype."""
+    def entry_users(self, u0: int = 0, u1: int | None = None) -> torch.Tensor:
+        """The user of every (user, free pair) entry of users u0 .. u1 - 1 (all by default), in the index dtype."""
+        u1 = self.U if u1 is None else u1
+        e0, e1 = int(self.crow_ue[u0]), int(self.crow_ue[u1])
         if self.entry_user is not None:
-            return self.entry_user
-        return torch.repeat_interleave(torch.arange(self.U, dtype=self.index, device=self.dev), self.crow_ue.diff(),
-                                       output_size=self.E)
+            return self.entry_user[e0:e1]
+        return torch.repeat_interleave(torch.arange(u0, u1, dtype=self.index, device=self.dev),
+                                       self.crow_ue[u0 + 1:u1 + 1] - self.crow_ue[u0:u1], output_size=e1 - e0)
 
     def predict(self, eta: torch.Tensor, w: torch.Tensor, V: torch.Tensor, r: torch.Tensor, step: np.ndarray
                 ) -> torch.Tensor:
