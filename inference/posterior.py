@@ -54,6 +54,15 @@ STOP_STEP = 1e-14          # mode refinement stops once no user's eta moves more
 START_STEPS = 3            # Newton steps on the quartic through the grid maximum's five points (mode start)
 SAFE_SUM = (1e-150, 1e150)  # grid rows normalised by Z_u: sums in here have no overflow and no tail near underflow
 COMPACT = 8                # mode refinement keeps only the active users' cells once under 1/COMPACT are active
+# without modes, with integer a, b and no per-user rho, the grid narrows to where the quantiles lie: the masses
+# beyond its ends are then exact (``_tail_rule``) instead of the density continued in closed form
+EDGE_CELLS = 5             # a narrowed grid keeps every quantile's cell this far inside its ends, else the bucket is
+                           # done again on the full grid (the cell's 9-point windows then stay on the grid)
+PROBE_CHUNKS = 4           # chunks of users, spread over the bucket, whose exact tail masses place the narrowed ends
+PROBE_STEP = 5             # grid cells between the probe's trial ends
+NARROW_MARGIN = 5          # cells beyond the probe's ends
+NARROW_MAX = 0.75          # narrowed only when that keeps at most this share of the span
+TAIL_NODE_CAP = 64         # nodes of each exact tail rule at most (heavier buckets keep the full grid)
 
 
 @dataclass
@@ -185,12 +194,68 @@ def _table(plan: QuadraturePlan, bk: Bucket, eta: torch.Tensor, mu: torch.Tensor
     return vote_loglik(eta.unsqueeze(0), m, c, bk.count.unsqueeze(1))
 
 
-def _search_weights(h: float, a: float, b: float, ps: torch.Tensor) -> torch.Tensor:
-    """W [3, P]: (d_0, d_(M-1), S_(M-1)) W = the S-targets t / h + d_0 / 2 - h d'_0 / 12 (all linear in d)."""
-    z = torch.tensor([1 / a - h / 2 + h * h * a / 12 + h ** 4 * a ** 3 / 720,
-                      1 / b - h / 2 + h * h * b / 12 + h ** 4 * b ** 3 / 720, h], dtype=ps.dtype, device=ps.device)
-    rest = torch.tensor([-1 / (a * h) + 0.5 - h * a / 12, 0.0, 0.0], dtype=ps.dtype, device=ps.device)
-    return z[:, None] * ps[None, :] / h + rest[:, None]
+def _search_weights(h: float, ps: torch.Tensor) -> torch.Tensor:
+    """W [P, 9]: ends W_p = the S-target T = t / h + d_0 / 2 - h d'_0 / 12 for t = p Z - A, with ``ends`` =
+    (d_0, d_(M-1), S_(M-1), A, B, d'_0, d'''_0, d'_(M-1), d'''_(M-1)): A and B the masses below x_0 and above
+    x_(M-1), Z = A + C_(M-1) + B (``_block_summaries``), all linear in the ends."""
+    h2, h4 = h * h / 12.0, h ** 4 / 720.0
+    total = torch.tensor([-h / 2, -h / 2, h, 1.0, 1.0, h2, -h4, -h2, h4], dtype=ps.dtype, device=ps.device)
+    rest = torch.tensor([0.5, 0.0, 0.0, -1.0 / h, 0.0, -h / 12.0, 0.0, 0.0, 0.0], dtype=ps.dtype, device=ps.device)
+    return ps[:, None] * total[None, :] / h + rest[None, :]
+
+
+def _continued_ends(v: torch.Tensor, a: float, b: float, out: torch.Tensor) -> None:
+    """``ends`` [R, 9] (``_search_weights``) from v = (d_0, d_(M-1), S_(M-1)) [R, 3], the density continued beyond
+    the grid as d_0 e^(a (x - x_0)) and d_(M-1) e^(-b (x - x_(M-1))): A = d_0 / a, B = d_(M-1) / b, slopes
+    d'_0 = a d_0, d'''_0 = a^3 d_0, d'_(M-1) = -b d_(M-1), d'''_(M-1) = -b^3 d_(M-1)."""
+    out[:, :3] = v
+    d0, dm1 = v[:, 0:1], v[:, 1:2]
+    torch.mul(torch.cat([d0, dm1, d0, d0, dm1, dm1], 1),
+              torch.tensor([1 / a, 1 / b, a, a ** 3, -b, -b ** 3], dtype=v.dtype, device=v.device), out=out[:, 3:])
+
+
+def _tail_rule(a: float, b: float, n_max: int, s: torch.Tensor, upper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points eta [S, N] and log-weights [S, N] of a rule with sum_i w_i L(eta_i) = the integral of L(eta)
+    eta^(a-1) (1 - eta)^(b-1) below eta = s (above eta = 1 - s when ``upper``) for each s of ``s`` [S]: exact for
+    every polynomial L of degree n_max when a and b are integers.
+
+    Below s: eta = s t and int_0^s = (s^a / a) E_(t ~ Beta(a, 1))[(1 - s t)^(b-1) L(s t)], a polynomial of
+    degree n_max + b - 1 in t, by Gauss-Jacobi on (n_max + b - 1) // 2 + 1 nodes. Above 1 - s: the same with a
+    and b swapped and eta = 1 - s t.
+    """
+    p, q = (b, a) if upper else (a, b)
+    n = (n_max + int(q) - 1) // 2 + 1
+    t, lw = gauss_jacobi(torch.tensor(float(p), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), n)
+    t, lw = t.to(s.dtype), lw.to(s.dtype)
+    st = s[:, None] * t[None, :]
+    logw = p * torch.log(s)[:, None] - math.log(p) + lw[None, :] + (q - 1) * torch.log1p(-st)
+    return (1 - st) if upper else st, logw
+
+
+def _slope_table(plan: QuadraturePlan, bk: Bucket, xs: torch.Tensor, mu: torch.Tensor,
+                 rho: torch.Tensor | None) -> torch.Tensor:
+    """[Q, 3 S]: count_q times the first three derivatives in x of log(c_q + eta (m_q - c_q)), eta = sigmoid(x),
+    at the points xs [S] (the first derivatives at every point, then the second, then the third).
+
+    With r = (m - c) / (c + eta (m - c)) and e_k the k-th derivative of sigmoid: r e_1, r e_2 - r^2 e_1^2 and
+    r e_3 - 3 r^2 e_1 e_2 + 2 r^3 e_1^3.
+    """
+    m, c = _pattern_probs(plan, bk, mu, rho, xs.dtype)
+    e = torch.sigmoid(xs)[None, :]
+    e1 = e * (1 - e)
+    e2, e3 = e1 * (1 - 2 * e), e1 * (1 - 6 * e1)
+    r = (m - c)[:, None] / (c[:, None] + e * (m - c)[:, None])
+    n = bk.count.to(xs.dtype)[:, None]
+    return torch.cat([n * r * e1, n * (r * e2 - r * r * e1 * e1),
+                      n * (r * e3 - 3 * r * r * e1 * e2 + 2 * r ** 3 * e1 ** 3)], 1)
+
+
+def _prior_slopes(a: float, b: float, xs: torch.Tensor) -> torch.Tensor:
+    """[3 S]: the first three derivatives in x of a log sigmoid(x) + b log sigmoid(-x) (the prior in x with its
+    Jacobian) at xs [S], ordered as ``_slope_table``'s columns."""
+    e = torch.sigmoid(xs)
+    e1 = e * (1 - e)
+    return torch.cat([a * (1 - e) - b * e, -(a + b) * e1, -(a + b) * e1 * (1 - 2 * e)])
 
 
 def _continuation(M: int, h: float, a: float, b: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -224,35 +289,33 @@ def _cell_mass(s: torch.Tensor, co: list[torch.Tensor], h: float) -> tuple[torch
     return mass, c1 + s * (2 * c2 + s * (3 * c3 + s * (4 * c4 + s * (5 * c5))))
 
 
-def _block_summaries(v: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: torch.Tensor, x: torch.Tensor,
+def _block_summaries(ends: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: torch.Tensor, x: torch.Tensor,
                      h: float, a: float, b: float, ps: torch.Tensor,
                      tau: tuple | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x-quantiles [B, P] at probabilities ps and F(x_tau) [B] from a few cells of each user's grid density d.
 
     With S_j = sum_(i<=j) d_i, d'_j and d'''_j by central differences on d_(j-3) .. d_(j+3) (the grid continued
-    beyond its ends as the density is there, by ``_continuation``) and d'_0 = a d_0, d'''_0 = a^3 d_0,
-    d'_(M-1) = -b d_(M-1), d'''_(M-1) = -b^3 d_(M-1), Euler-Maclaurin (error O(h^6)) gives
+    beyond its ends as the density is there, by ``_continuation``, where the grid is not narrowed) and the ends'
+    d'_0, d'''_0, d'_(M-1), d'''_(M-1) from ``ends`` [B, 9] (``_search_weights``), Euler-Maclaurin (error O(h^6))
+    gives
 
         C_j = h (S_j - (d_0 + d_j) / 2) - h^2 / 12 (d'_j - d'_0) + h^4 / 720 (d'''_j - d'''_0),
 
-    the tails beyond the grid are d_0 / a and d_(M-1) / b, and F_j = (d_0 / a + C_j) / Z with
-    Z = d_0 / a + C_(M-1) + d_(M-1) / b. With k the first j with S_j >= T = t / h + d_0 / 2 - h d'_0 / 12 for
-    t = p Z - d_0 / a, C_j - t is h (S_j - T) - h d_j / 2 - h^2 d'_j / 12 + O(h^4), so C_(k-1) < t <= C_(k+1)
-    while |h d'_j| < 6 d_j (d changes less than e^6-fold from one cell to the next): the first j with C_j >= t
-    is k when C_k >= t, else k + 1. ``dw`` [9, B, P] holds d on cells k-4 .. k+4 (continued beyond the grid),
-    ``sw`` [2, B, P] S_(k-1), S_k (clamped to the grid). Inside that cell [x_(j-1), x_j] the mass is the
-    polynomial of ``_cell_poly``, equal to C_j - C_(j-1) over the cell; the quantile is the root of the
-    linear-density quadratic refined by NEWTON_STEPS Newton steps on it. Below x_0 (above x_(M-1))
-    F ~ C e^(a x) (1 - F ~ C e^(-b x)) is inverted. ``v`` [B, 3] = (d_0, d_(M-1), S_(M-1)); ``tau`` =
+    and F_j = (A + C_j) / Z with A, B the masses below x_0 and above x_(M-1) (``ends``: in closed form for the
+    continued density, exact on a narrowed grid) and Z = A + C_(M-1) + B. With k the first j with S_j >= T =
+    t / h + d_0 / 2 - h d'_0 / 12 for t = p Z - A, C_j - t is h (S_j - T) - h d_j / 2 - h^2 d'_j / 12 + O(h^4), so
+    C_(k-1) < t <= C_(k+1) while |h d'_j| < 6 d_j (d changes less than e^6-fold from one cell to the next): the
+    first j with C_j >= t is k when C_k >= t, else k + 1. ``dw`` [9, B, P] holds d on cells k-4 .. k+4 (continued
+    beyond the grid), ``sw`` [2, B, P] S_(k-1), S_k (clamped to the grid). Inside that cell [x_(j-1), x_j] the
+    mass is the polynomial of ``_cell_poly``, equal to C_j - C_(j-1) over the cell; the quantile is the root of
+    the linear-density quadratic refined by NEWTON_STEPS Newton steps on it. Below x_0 (above x_(M-1)) F ~ C
+    e^(a x) (1 - F ~ C e^(-b x)) is inverted (never on a narrowed grid, which holds every quantile). ``tau`` =
     (s, td [8, B], ts [B]) for x_tau at x_(j-1) + s h: d on cells j-4 .. j+3, S_(j-1).
     """
     M = x.shape[0]
-    d0, dm1, s_last = v.unbind(1)
-    p0, f0 = a * d0, a ** 3 * d0
-    tail_lo = d0 / a
-    c_last = (h * (s_last - 0.5 * (d0 + dm1)) + h * h / 12.0 * (p0 + b * dm1)
-              - h ** 4 / 720.0 * (b ** 3 * dm1 + f0))
-    total = tail_lo + c_last + dm1 / b
+    d0, dm1, s_last, tail_lo, tail_hi, p0, f0, pm1, fm1 = ends.unbind(1)
+    c_last = h * (s_last - 0.5 * (d0 + dm1)) - h * h / 12.0 * (pm1 - p0) + h ** 4 / 720.0 * (fm1 - f0)
+    total = tail_lo + c_last + tail_hi
     t = ps * total[:, None] - tail_lo[:, None]                                     # [B, P]
     base = (h * h / 12.0) * p0 - (h ** 4 / 720.0) * f0 - 0.5 * h * d0               # C_j = h S_j + base + ...
 
@@ -305,128 +368,236 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
     pa, pb = float(a), float(b)
     alpha = (1.0 - level) / 2.0
     ps = torch.tensor([alpha, 1 - alpha], dtype=dt, device=dev)
-    P = ps.shape[0]
 
     def full(v: float) -> torch.Tensor:
         return torch.full((U,), float(v), dtype=dt, device=dev)
 
     # users without votes keep the prior Beta(a, b): its mean, sd, quantiles and tail
     prior_sd = math.sqrt(pa * pb / ((pa + pb) ** 2 * (pa + pb + 1)))
-    mean, sd = full(pa / (pa + pb)), full(prior_sd)
-    lo, hi = full(special.betaincinv(pa, pb, alpha)), full(special.betaincinv(pa, pb, 1 - alpha))
-    p_above = full(special.betainc(pb, pa, 1 - tau)) if tau is not None else None
-    if rho_prior is None:
-        mode = full(((pa - 1) / (pa + pb - 2)) if (pa > 1 and pb > 1) else (0.0 if pa <= pb else 1.0))
-    else:
-        mode = full(((pa - 1) / (pa + pb - 2)) if (pa > 1 and pb > 1) else 0.0)
+    out = _Summaries(mean=full(pa / (pa + pb)), sd=full(prior_sd), lo=full(special.betaincinv(pa, pb, alpha)),
+                     hi=full(special.betaincinv(pa, pb, 1 - alpha)),
+                     p_above=full(special.betainc(pb, pa, 1 - tau)) if tau is not None else None,
+                     mode=full(((pa - 1) / (pa + pb - 2)) if (pa > 1 and pb > 1)
+                               else (0.0 if pa <= pb or rho_prior is not None else 1.0)))
     at, bt = torch.tensor(pa, dtype=dt, device=dev), torch.tensor(pb, dtype=dt, device=dev)
     rp = None if rho_prior is None else tuple(torch.tensor(float(v), dtype=dt, device=dev) for v in rho_prior)
-    win, dwin = torch.arange(-2, 3, device=dev), torch.arange(-4, 5, device=dev)
+    # exact tails: the quantiles' span only (no modes, which need the grid maximum; no rho_u; polynomial weights)
+    narrowable = not modes and rp is None and pa.is_integer() and pb.is_integer()
     for bk in plan.buckets:
         xq, rq, logw = bucket_nodes(at, bt, bk.moment_nodes, rp, dt)   # exact for E[eta], E[eta^2]
-        tab_q = _table(plan, bk, xq, mu, rho_t if rq is None else rq)
-        moments = torch.stack([xq, xq * xq])
+        nodes = _Nodes(logw, _table(plan, bk, xq, mu, rho_t if rq is None else rq), torch.stack([xq, xq * xq]))
         M = _grid_size(2 * bk.moment_nodes, pa, pb, rp is not None)
         x = torch.linspace(-X_EDGE, X_EDGE, M, dtype=dt, device=dev)
         h = 2 * X_EDGE / (M - 1)
-        if rp is None:                                           # only the part of the grid that holds mass
-            i0, i1 = _grid_span(plan, bk, pa, pb, mu, rho_t, h, M, tau, modes)
-            x, M = x[i0:i1 + 1], i1 - i0 + 1
-        log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
-        prior_eta = (pa - 1) * log_eta + (pb - 1) * log_1m      # log density in eta, up to a constant
-        jacobian = log_eta + log_1m                              # log d eta / d x
-        # without modes (and rho_u): d = L_u(eta) eta^a (1 - eta)^b / (B(a, b) Z_u) straight from the prior in x,
-        # with log Z_u = logsumexp_g (log w_g + log L_u(eta_g)) of the nodes: d integrates to about 1 over x, and
-        # no row maximum (nor its shift) is needed. A chunk whose rows do not sum to within SAFE_SUM (Z_u off
-        # by e^300 or more: billions of votes, beyond the nodes' resolution) is done again with the maximum
-        by_z = not modes and rp is None
-        prior_x = prior_eta + jacobian - float(special.betaln(pa, pb)) if by_z else None
-        if rp is None:
-            tab, grid_lw, n_rho = _table(plan, bk, torch.sigmoid(x), mu, rho_t), None, 1
-        else:
-            xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.moment_nodes, RHO_NODE_CAP))
-            n_rho = xr.shape[0]
-            tab = _table(plan, bk, torch.sigmoid(x).repeat_interleave(n_rho), mu, xr.repeat(M))
-        search = _search_weights(h, pa, pb, ps).t().contiguous()   # [P, 3]: a small mv beats a [R, 3] @ [3, P] mm
-        ends = torch.tensor([0, M - 1], device=dev)
-        ext = _continuation(M, h, pa, pb, dt, dev)
-        if tau is not None:
-            xt = math.log(tau / (1 - tau))
-            jt = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
-            tau_cells = torch.arange(jt - 4, jt + 4, device=dev)
-            tau_fac = ext[tau_cells + PAD]
-            tau_cells = tau_cells.clamp(0, M - 1)
-            s_tau = (xt - float(x[jt - 1])) / h
-        max_elements, block_rows = (GPU_ELEMENTS, GPU_BLOCK_ROWS) if dev.type == "cuda" else (MAX_ELEMENTS,
-                                                                                   BLOCK_ROWS)
-        rows = max(1, max_elements // (M * n_rho))
-        chunks = bk.row_chunks(rows)
-        g_buf = torch.empty(min(rows, len(bk.users)), M * n_rho, dtype=dt, device=dev)
-        c_buf = torch.empty(min(rows, len(bk.users)), M, dtype=dt, device=dev)
-        per_block = max(1, block_rows // rows)
-        for c0 in range(0, len(chunks), per_block):
-            group = chunks[c0:c0 + per_block]
-            first = group[0][0]
-            B = group[-1][0] + group[-1][1].shape[0] - first
-            v = torch.empty(B, 3, dtype=dt, device=dev)
-            k = torch.empty(B, P, dtype=torch.long, device=dev)
-            dw, sw = torch.empty(9, B, P, dtype=dt, device=dev), torch.empty(2, B, P, dtype=dt, device=dev)
-            lq_t = torch.empty(logw.shape[0], B, dtype=dt, device=dev)   # [G, B]: softmax over G is 10x faster
-            jmax = torch.empty(B, dtype=torch.long, device=dev)
-            g5 = torch.empty(B, 5, dtype=dt, device=dev)
-            td = torch.empty(8, B, dtype=dt, device=dev) if tau is not None else None
-            ts = torch.empty(B, dtype=dt, device=dev) if tau is not None else None
-            for start, inc in group:
-                inc = inc.to(dt)
-                R = inc.shape[0]
-                r0, r1 = start - first, start - first + R
-                lq_t[:, r0:r1].t().copy_(logw.expand(R, -1)).addmm_(inc, tab_q)   # CSR addmm_: no zero fill or copy
-                d = None
-                if by_z:
-                    log_z = torch.logsumexp(lq_t[:, r0:r1], dim=0)
-                    d = g_buf[:R].copy_(prior_x.expand(R, -1)).addmm_(inc, tab).sub_(log_z[:, None]).exp_()
-                    cum = torch.cumsum(d, 1, out=c_buf[:R])
-                    if not bool(((cum[:, -1] > SAFE_SUM[0]) & (cum[:, -1] < SAFE_SUM[1])).all()):
-                        d = None       # Z_u from the nodes is off (a posterior far narrower than they resolve)
-                if d is None:
-                    if grid_lw is None:                                  # log L_u + (a-1) log eta + (b-1) log(1-eta)
-                        g = g_buf[:R].copy_(prior_eta.expand(R, -1)).addmm_(inc, tab)
-                    else:                                                # integrate rho_u out at every eta of the grid
-                        ell = torch.addmm(g_buf[:R], inc, tab, beta=0, out=g_buf[:R])
-                        g = torch.logsumexp(ell.view(R, M, n_rho) + grid_lw, dim=2).add_(prior_eta)
-                    top, jm = g.max(dim=1)
-                    jmax[r0:r1] = jm
-                    torch.gather(g, 1, (jm[:, None] + win).clamp_(0, M - 1), out=g5[r0:r1])
-                    d = g.add_(jacobian).sub_(top[:, None]).exp_()       # density in x, max in [e^-20.7, 1/4]
-                    cum = torch.cumsum(d, 1, out=c_buf[:R])
-                torch.cat([d.index_select(1, ends), cum[:, -1:]], 1, out=v[r0:r1])
-                kk = torch.searchsorted(cum, torch.stack([torch.mv(v[r0:r1], w) for w in search], 1))
-                k[r0:r1] = kk
-                idx = (kk[:, None, :] + dwin[:, None]).view(R, 9 * P)          # cells k-4 .. k+4, window-major
-                fac = ext.take(idx + PAD)                                       # continued beyond the grid
-                idx.clamp_(0, M - 1)
-                dw[:, r0:r1].copy_(torch.gather(d, 1, idx).mul_(fac).view(R, 9, P).transpose(0, 1))
-                sw[:, r0:r1].copy_(torch.gather(cum, 1, idx[:, 3 * P:5 * P]).view(R, 2, P).transpose(0, 1))
-                if tau is not None:
-                    td[:, r0:r1].copy_(d.index_select(1, tau_cells).t())
-                    ts[r0:r1] = cum[:, jt - 1]
-            users = bk.users[first:first + B]
-            m1, m2 = moments @ torch.softmax(lq_t, dim=0)
-            mean[users], sd[users] = m1, (m2 - m1 * m1).clamp_min(0).sqrt()
-            tau_at = None if tau is None else (s_tau, td.mul_(tau_fac[:, None]), ts)
-            xs, f_tau = _block_summaries(v, k, dw, sw, x, h, pa, pb, ps, tau_at)
-            eta_q = torch.sigmoid(xs)
-            lo[users], hi[users] = eta_q[:, 0], eta_q[:, 1]
-            if f_tau is not None:
-                p_above[users] = (1 - f_tau).clamp(0, 1)
-            if modes:
-                mode[users] = torch.where(jmax == 0, 0.0, torch.where(jmax == M - 1, 1.0, torch.sigmoid(x[jmax])))
-                if rp is None:
-                    _refine_modes(plan, bk, first, pa, pb, mu, rho_t, x, jmax, g5, mode)
-    return UserPosterior(mean=mean.cpu().numpy(), mode=mode.cpu().numpy() if modes else None,
-                         lo=torch.minimum(lo, mean).cpu().numpy(),
-                         hi=torch.maximum(hi, mean).cpu().numpy(), sd=sd.cpu().numpy(),
-                         prob_above=None if p_above is None else p_above.cpu().numpy())
+        i0, i1 = (0, M - 1) if rp is not None else _grid_span(plan, bk, pa, pb, mu, rho_t, h, M, tau, modes)
+        narrow = None
+        if narrowable and max(bk.max_votes + int(max(pa, pb)) - 1, 0) // 2 + 1 <= TAIL_NODE_CAP:
+            narrow = _narrow_span(plan, bk, pa, pb, mu, rho_t, x, i0, i1, ps, tau, nodes)
+        if narrow is None or not _bucket_pass(plan, bk, out, x[narrow[0]:narrow[1] + 1], h, pa, pb, mu, rho_t, rp,
+                                              ps, tau, nodes, modes, exact=True):
+            _bucket_pass(plan, bk, out, x[i0:i1 + 1], h, pa, pb, mu, rho_t, rp, ps, tau, nodes, modes, exact=False)
+    return UserPosterior(mean=out.mean.cpu().numpy(), mode=out.mode.cpu().numpy() if modes else None,
+                         lo=torch.minimum(out.lo, out.mean).cpu().numpy(),
+                         hi=torch.maximum(out.hi, out.mean).cpu().numpy(), sd=out.sd.cpu().numpy(),
+                         prob_above=None if out.p_above is None else out.p_above.cpu().numpy())
+
+
+@dataclass
+class _Summaries:
+    """The per-user summaries being filled, tensors [U]."""
+
+    mean: torch.Tensor
+    sd: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    p_above: torch.Tensor | None
+    mode: torch.Tensor
+
+
+@dataclass
+class _Nodes:
+    """A bucket's Gauss-Jacobi rule for its users' moments and Z_u: log-weights [G], the pattern table [Q, G] and
+    (eta_g, eta_g^2) [2, G]."""
+
+    logw: torch.Tensor
+    table: torch.Tensor
+    moments: torch.Tensor
+
+
+def _narrow_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
+                 x: torch.Tensor, i0: int, i1: int, ps: torch.Tensor, tau: float | None,
+                 nodes: _Nodes) -> tuple[int, int] | None:
+    """Ends j0 < j1 inside [i0, i1] of a grid that should hold every quantile of the bucket's users (and x_tau),
+    EDGE_CELLS and more inside its ends; None when it would keep more than NARROW_MAX of the span.
+
+    On PROBE_CHUNKS chunks of users spread over the bucket, the exact masses (``_tail_rule``) below and above trial
+    ends every PROBE_STEP cells: j0 is the last trial end below which every probed user has at most half of the
+    lower probability, j1 likewise from above, each moved NARROW_MARGIN cells out. Users the probe missed are
+    caught by the pass on the narrowed grid (``_bucket_pass``), which then gives way to the full grid.
+    """
+    dt, dev = x.dtype, x.device
+    trial = torch.arange(i0, i1 + 1, PROBE_STEP, device=dev)
+    xs = x[trial]
+    eta_lo, lw_lo = _tail_rule(a, b, bk.max_votes, torch.sigmoid(xs), upper=False)
+    eta_hi, lw_hi = _tail_rule(a, b, bk.max_votes, torch.sigmoid(-xs), upper=True)
+    S, n_lo, n_hi = xs.shape[0], eta_lo.shape[1], eta_hi.shape[1]
+    tab = _table(plan, bk, torch.cat([eta_lo.reshape(-1), eta_hi.reshape(-1)]), mu, rho)
+    chunks = bk.row_chunks(max(1, MAX_ELEMENTS // (i1 - i0 + 1)))
+    probe = chunks[::max(1, len(chunks) // PROBE_CHUNKS)][:PROBE_CHUNKS]
+    worst_lo = torch.full((S,), -math.inf, dtype=dt, device=dev)
+    worst_hi = worst_lo.clone()
+    log_beta = float(special.betaln(a, b))
+    for _, inc in probe:
+        inc = inc.to(dt)
+        R = inc.shape[0]
+        log_z = torch.logsumexp(nodes.logw.expand(R, -1).clone().addmm_(inc, nodes.table), dim=1)
+        ell = (inc @ tab) - (log_z[:, None] + log_beta)                      # log L_u - log(B(a, b) Z_u)
+        below = torch.logsumexp(ell[:, :S * n_lo].view(R, S, n_lo) + lw_lo, dim=2)    # [R, S]: log mass below
+        above = torch.logsumexp(ell[:, S * n_lo:].view(R, S, n_hi) + lw_hi, dim=2)
+        worst_lo = torch.maximum(worst_lo, below.max(0).values)
+        worst_hi = torch.maximum(worst_hi, above.max(0).values)
+    ok_lo = (worst_lo <= math.log(0.5 * float(ps[0]))).nonzero()
+    ok_hi = (worst_hi <= math.log(0.5 * (1 - float(ps[-1])))).nonzero()
+    j0 = int(trial[int(ok_lo[-1])]) if len(ok_lo) else i0          # the masses grow with the end: a prefix holds
+    j1 = int(trial[int(ok_hi[0])]) if len(ok_hi) else i1
+    j0, j1 = j0 - NARROW_MARGIN, j1 + NARROW_MARGIN
+    if tau is not None:
+        jt = int(torch.searchsorted(x, torch.tensor(math.log(tau / (1 - tau)), dtype=dt, device=dev)))
+        j0, j1 = min(j0, jt - EDGE_CELLS - 2), max(j1, jt + EDGE_CELLS + 1)
+    if j1 - j0 < MIN_SPAN:                                  # a narrow posterior: a span of at least MIN_SPAN cells
+        j0, j1 = (j0 + j1 - MIN_SPAN) // 2, (j0 + j1 + MIN_SPAN) // 2
+    j0, j1 = max(j0, i0), min(j1, i1)
+    return (j0, j1) if j1 - j0 <= NARROW_MAX * (i1 - i0) else None
+
+
+def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Tensor, h: float, pa: float, pb: float,
+                 mu: torch.Tensor, rho_t: torch.Tensor | None, rp: tuple | None, ps: torch.Tensor,
+                 tau: float | None, nodes: _Nodes, modes: bool, exact: bool) -> bool:
+    """The bucket's summaries on the grid x (step h) into ``out``; False (``out`` partly written) when ``exact``
+    (the masses beyond the grid's ends exact, ``_tail_rule``, and no density continued) and some user's quantile
+    cell lies within EDGE_CELLS of an end, or a chunk's rows do not sum to within SAFE_SUM."""
+    dt, dev, M = x.dtype, x.device, x.shape[0]
+    P = ps.shape[0]
+    log_eta, log_1m = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
+    prior_eta = (pa - 1) * log_eta + (pb - 1) * log_1m      # log density in eta, up to a constant
+    jacobian = log_eta + log_1m                              # log d eta / d x
+    log_beta = float(special.betaln(pa, pb))
+    # without modes (and rho_u): d = L_u(eta) eta^a (1 - eta)^b / (B(a, b) Z_u) straight from the prior in x,
+    # with log Z_u = logsumexp_g (log w_g + log L_u(eta_g)) of the nodes: d integrates to about 1 over x, and
+    # no row maximum (nor its shift) is needed. A chunk whose rows do not sum to within SAFE_SUM (Z_u off
+    # by e^300 or more: billions of votes, beyond the nodes' resolution) is done again with the maximum
+    by_z = not modes and rp is None
+    prior_x = prior_eta + jacobian - log_beta if by_z else None
+    if rp is None:
+        tab, grid_lw, n_rho = _table(plan, bk, torch.sigmoid(x), mu, rho_t), None, 1
+    else:
+        xr, grid_lw = gauss_jacobi(rp[0], rp[1], min(bk.moment_nodes, RHO_NODE_CAP))
+        n_rho = xr.shape[0]
+        tab = _table(plan, bk, torch.sigmoid(x).repeat_interleave(n_rho), mu, xr.repeat(M))
+    if exact:   # the exact masses below x_0 and above x_(M-1) and the log density's slopes there, per user
+        ends_x = x[[0, -1]]
+        eta_lo, lw_lo = _tail_rule(pa, pb, bk.max_votes, torch.sigmoid(ends_x[:1]), upper=False)
+        eta_hi, lw_hi = _tail_rule(pa, pb, bk.max_votes, torch.sigmoid(-ends_x[1:]), upper=True)
+        n_lo, n_hi = eta_lo.shape[1], eta_hi.shape[1]
+        tab_e = torch.cat([_table(plan, bk, torch.cat([eta_lo[0], eta_hi[0]]), mu, rho_t),
+                           _slope_table(plan, bk, ends_x, mu, rho_t)], 1)
+        bias_e = torch.cat([lw_lo[0], lw_hi[0], _prior_slopes(pa, pb, ends_x)])
+        sides = torch.zeros(n_lo + n_hi, 2, dtype=dt, device=dev)
+        sides[:n_lo, 0], sides[n_lo:, 1] = 1.0, 1.0
+    search = _search_weights(h, ps)                             # [P, 9]: a small mv beats a [R, 9] @ [9, P] mm
+    grid_ends = torch.tensor([0, M - 1], device=dev)
+    ext = _continuation(M, h, pa, pb, dt, dev)
+    win, dwin = torch.arange(-2, 3, device=dev), torch.arange(-4, 5, device=dev)
+    if tau is not None:
+        xt = math.log(tau / (1 - tau))
+        jt = int(torch.searchsorted(x, torch.tensor(xt, dtype=dt, device=dev)).clamp(1, M - 1))
+        tau_cells = torch.arange(jt - 4, jt + 4, device=dev)
+        tau_fac = ext[tau_cells + PAD]
+        tau_cells = tau_cells.clamp(0, M - 1)
+        s_tau = (xt - float(x[jt - 1])) / h
+    max_elements, block_rows = (GPU_ELEMENTS, GPU_BLOCK_ROWS) if dev.type == "cuda" else (MAX_ELEMENTS, BLOCK_ROWS)
+    rows = max(1, max_elements // (M * n_rho))
+    chunks = bk.row_chunks(rows)
+    g_buf = torch.empty(min(rows, len(bk.users)), M * n_rho, dtype=dt, device=dev)
+    c_buf = torch.empty(min(rows, len(bk.users)), M, dtype=dt, device=dev)
+    e_buf = torch.empty(min(rows, len(bk.users)), bias_e.shape[0], dtype=dt, device=dev) if exact else None
+    per_block = max(1, block_rows // rows)
+    for c0 in range(0, len(chunks), per_block):
+        group = chunks[c0:c0 + per_block]
+        first = group[0][0]
+        B = group[-1][0] + group[-1][1].shape[0] - first
+        ends = torch.empty(B, 9, dtype=dt, device=dev)
+        k = torch.empty(B, P, dtype=torch.long, device=dev)
+        dw, sw = torch.empty(9, B, P, dtype=dt, device=dev), torch.empty(2, B, P, dtype=dt, device=dev)
+        lq_t = torch.empty(nodes.logw.shape[0], B, dtype=dt, device=dev)   # [G, B]: softmax over G is 10x faster
+        jmax = torch.empty(B, dtype=torch.long, device=dev)
+        g5 = torch.empty(B, 5, dtype=dt, device=dev)
+        td = torch.empty(8, B, dtype=dt, device=dev) if tau is not None else None
+        ts = torch.empty(B, dtype=dt, device=dev) if tau is not None else None
+        for start, inc in group:
+            inc = inc.to(dt)
+            R = inc.shape[0]
+            r0, r1 = start - first, start - first + R
+            lq_t[:, r0:r1].t().copy_(nodes.logw.expand(R, -1)).addmm_(inc, nodes.table)   # CSR addmm_: no zero fill
+            d = None
+            if by_z:
+                log_z = torch.logsumexp(lq_t[:, r0:r1], dim=0)
+                d = g_buf[:R].copy_(prior_x.expand(R, -1)).addmm_(inc, tab).sub_(log_z[:, None]).exp_()
+                cum = torch.cumsum(d, 1, out=c_buf[:R])
+                if not bool(((cum[:, -1] > SAFE_SUM[0]) & (cum[:, -1] < SAFE_SUM[1])).all()):
+                    if exact:
+                        return False
+                    d = None       # Z_u from the nodes is off (a posterior far narrower than they resolve)
+            if d is None:
+                if grid_lw is None:                                  # log L_u + (a-1) log eta + (b-1) log(1-eta)
+                    g = g_buf[:R].copy_(prior_eta.expand(R, -1)).addmm_(inc, tab)
+                else:                                                # integrate rho_u out at every eta of the grid
+                    ell = torch.addmm(g_buf[:R], inc, tab, beta=0, out=g_buf[:R])
+                    g = torch.logsumexp(ell.view(R, M, n_rho) + grid_lw, dim=2).add_(prior_eta)
+                top, jm = g.max(dim=1)
+                jmax[r0:r1] = jm
+                torch.gather(g, 1, (jm[:, None] + win).clamp_(0, M - 1), out=g5[r0:r1])
+                d = g.add_(jacobian).sub_(top[:, None]).exp_()       # density in x, max in [e^-20.7, 1/4]
+                cum = torch.cumsum(d, 1, out=c_buf[:R])
+            e_r = ends[r0:r1]
+            if exact:
+                e_r[:, :2] = d.index_select(1, grid_ends)
+                e_r[:, 2] = cum[:, -1]
+                ell = e_buf[:R].copy_(bias_e.expand(R, -1)).addmm_(inc, tab_e)
+                # each node's share of a tail mass (at most 1: no overflow), summed per side
+                torch.mm(ell[:, :n_lo + n_hi].sub_((log_z + log_beta)[:, None]).exp_(), sides, out=e_r[:, 3:5])
+                l1, l2, l3 = ell[:, n_lo + n_hi:].view(R, 3, 2).unbind(1)        # [R, 2] each: at x_0, x_(M-1)
+                dens = e_r[:, :2]
+                slope, third = dens * l1, dens * (l3 + l1 * (3 * l2 + l1 * l1))    # d' = d l', d''' = d (l''' + ..)
+                e_r[:, 5], e_r[:, 6], e_r[:, 7], e_r[:, 8] = slope[:, 0], third[:, 0], slope[:, 1], third[:, 1]
+            else:
+                _continued_ends(torch.cat([d.index_select(1, grid_ends), cum[:, -1:]], 1), pa, pb, e_r)
+            kk = torch.searchsorted(cum, torch.stack([torch.mv(e_r, w) for w in search], 1))
+            if exact and not bool(((kk >= EDGE_CELLS) & (kk <= M - 1 - EDGE_CELLS)).all()):
+                return False
+            k[r0:r1] = kk
+            idx = (kk[:, None, :] + dwin[:, None]).view(R, 9 * P)          # cells k-4 .. k+4, window-major
+            fac = ext.take(idx + PAD)                                       # continued beyond the grid
+            idx.clamp_(0, M - 1)
+            dw[:, r0:r1].copy_(torch.gather(d, 1, idx).mul_(fac).view(R, 9, P).transpose(0, 1))
+            sw[:, r0:r1].copy_(torch.gather(cum, 1, idx[:, 3 * P:5 * P]).view(R, 2, P).transpose(0, 1))
+            if tau is not None:
+                td[:, r0:r1].copy_(d.index_select(1, tau_cells).t())
+                ts[r0:r1] = cum[:, jt - 1]
+        users = bk.users[first:first + B]
+        m1, m2 = nodes.moments @ torch.softmax(lq_t, dim=0)
+        out.mean[users], out.sd[users] = m1, (m2 - m1 * m1).clamp_min(0).sqrt()
+        tau_at = None if tau is None else (s_tau, td.mul_(tau_fac[:, None]), ts)
+        xs, f_tau = _block_summaries(ends, k, dw, sw, x, h, pa, pb, ps, tau_at)
+        eta_q = torch.sigmoid(xs)
+        out.lo[users], out.hi[users] = eta_q[:, 0], eta_q[:, 1]
+        if f_tau is not None:
+            out.p_above[users] = (1 - f_tau).clamp(0, 1)
+        if modes:
+            out.mode[users] = torch.where(jmax == 0, 0.0, torch.where(jmax == M - 1, 1.0, torch.sigmoid(x[jmax])))
+            if rp is None:
+                _refine_modes(plan, bk, first, pa, pb, mu, rho_t, x, jmax, g5, out.mode)
+    return True
 
 
 def _start_shift(g5: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ class Bucket:
 
     n_nodes: int                # Gauss-Jacobi nodes of the marginal and its derivatives (exact: degree n_max)
     moment_nodes: int           # ... of the posterior's mean and sd (exact: degree n_max + 2; one more unless capped)
+    max_votes: int              # n_max: the votes of the bucket's heaviest user
     users: torch.Tensor         # long [Ub]: global user index
     pattern_kind: torch.Tensor  # long [Q]
     count: torch.Tensor         # [Q]
@@ -356,6 +357,7 @@ def _buckets(stats: VoteStats, device: torch.device, dtype: torch.dtype, cap: in
         buckets.append(Bucket(
             n_nodes=nodes_for(n_max, cap),
             moment_nodes=nodes_for(n_max, cap, moments=2),
+            max_votes=n_max,
             users=torch.as_tensor(users, device=device),
             pattern_kind=torch.as_tensor(uniq // width, device=device),
             count=torch.as_tensor(uniq % width, device=device, dtype=dtype),

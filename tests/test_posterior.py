@@ -259,3 +259,78 @@ def test_the_grid_keeps_only_the_span_that_holds_mass(monkeypatch, a, b, rho, go
     whole = user_posterior(*args, tau=0.55)
     for f in ("mean", "sd", "lo", "hi", "prob_above", "mode"):
         np.testing.assert_allclose(getattr(narrow, f), getattr(whole, f), rtol=0, atol=1e-10, err_msg=f)
+
+
+def _spy_passes(monkeypatch) -> list[tuple[int, bool, bool]]:
+    """Record (grid points, exact, finished) of each bucket pass."""
+    passes = []
+    real = posterior._bucket_pass
+
+    def spy(*args, **kw):
+        done = real(*args, **kw)
+        passes.append((args[3].shape[0], kw["exact"], done))
+        return done
+
+    monkeypatch.setattr(posterior, "_bucket_pass", spy)
+    return passes
+
+
+@pytest.mark.parametrize("a, b, rho, tau", [(1.0, 1.0, None, None), (2.0, 3.0, 0.7, 0.55), (1.0, 4.0, None, 0.3)])
+def test_without_modes_the_grid_narrows_to_the_quantiles_and_its_exact_tails_match_quadrature(monkeypatch, a, b,
+                                                                                              rho, tau):
+    """Integer a, b and no modes (EM's posterior): the grid keeps only the span of the quantiles (and x_tau), the
+    masses beyond it by exact Gauss-Jacobi rules; against adaptive quadrature to 1e-6 and against the full grid."""
+    counts = [1, 2, 4, 9, 20, 45, 90, 300] * 4
+    df = _spread_votes(counts, seed=5)
+    st = vote_stats(df)
+    mu = {("A", "B"): 0.8, ("C", "D"): 0.65}
+    plan = build_plan(st, torch.device("cpu"), F64)
+    args = (plan, None, a, b, torch.tensor([mu[p] for p in st.pairs], dtype=F64), rho)
+    passes = _spy_passes(monkeypatch)
+    post = user_posterior(*args, tau=tau, modes=False)
+    assert any(exact and done for _, exact, done in passes), passes
+    assert all(done for _, exact, done in passes if exact), passes   # every user's quantiles on the narrowed grid
+    for u in range(st.n_users):
+        d = df[df.user_id == st.users[u]]
+        y = (d.choice == "a").to_numpy()
+        pm = np.array([mu[(ma, mb)] for ma, mb in zip(d.model_a, d.model_b, strict=True)])
+        m = np.where(y, pm, 1 - pm)
+        first = (y == (d.shown_first == "a").to_numpy())
+        c = np.full(len(d), 0.5) if rho is None else np.where(first, rho, 1 - rho)
+
+        def lik(e, m=m, c=c):
+            return np.exp(np.log(np.multiply.outer(e, m - c) + c).sum(-1))
+
+        ref = _reference(lik, a, b, 0.5 if tau is None else tau)
+        assert post.mean[u] == pytest.approx(ref["mean"], abs=1e-8)
+        assert post.lo[u] == pytest.approx(ref["lo"], abs=1e-6)
+        assert post.hi[u] == pytest.approx(ref["hi"], abs=1e-6)
+        if tau is not None:
+            assert post.prob_above[u] == pytest.approx(ref["tail"], abs=1e-6)
+    monkeypatch.setattr(posterior, "NARROW_MAX", -1.0)      # never narrowed: the grid of the continued tails
+    whole = user_posterior(*args, tau=tau, modes=False)
+    assert not any(exact for _, exact, _ in passes[-len(plan.buckets):])
+    for f in ("mean", "sd", "lo", "hi") + (("prob_above",) if tau is not None else ()):   # the continued tails
+        np.testing.assert_allclose(getattr(post, f), getattr(whole, f), rtol=0, atol=1e-8, err_msg=f)  # err ~e^-20
+
+
+@pytest.mark.parametrize("gold", [False, True])
+def test_a_narrowed_grid_that_misses_a_quantile_gives_way_to_the_full_grid(monkeypatch, gold):
+    """Ends placed inside some users' quantiles (a negative margin): the narrowed pass stops and the bucket is done
+    on the full grid, with the summaries of a run that never narrows, gold labels (factors vanishing at an end)
+    included."""
+    df = _spread_votes([1, 2, 4, 9, 20, 45] * 20, seed=13)
+    if gold:
+        rng = np.random.default_rng(4)
+        df["gold"] = np.where(rng.random(len(df)) < 0.2, rng.choice(["a", "b"], len(df)), None)
+    st = vote_stats(df)
+    plan = build_plan(st, torch.device("cpu"), F64)
+    args = (plan, None, 1.0, 2.0, torch.tensor([0.8, 0.65], dtype=F64), None)
+    passes = _spy_passes(monkeypatch)
+    monkeypatch.setattr(posterior, "NARROW_MARGIN", -25)
+    missed = user_posterior(*args, tau=0.5, modes=False)
+    assert any(exact and not done for _, exact, done in passes), passes
+    monkeypatch.setattr(posterior, "NARROW_MAX", -1.0)
+    whole = user_posterior(*args, tau=0.5, modes=False)
+    for f in ("mean", "sd", "lo", "hi", "prob_above"):
+        np.testing.assert_allclose(getattr(missed, f), getattr(whole, f), rtol=0, atol=1e-9, err_msg=f)
