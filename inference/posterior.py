@@ -290,8 +290,8 @@ def _cell_mass(s: torch.Tensor, co: list[torch.Tensor], h: float) -> tuple[torch
 
 
 def _block_summaries(ends: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: torch.Tensor, x: torch.Tensor,
-                     h: float, a: float, b: float, ps: torch.Tensor,
-                     tau: tuple | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     h: float, a: float, b: float, ps: torch.Tensor, tau: tuple | None,
+                     inside: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x-quantiles [B, P] at probabilities ps and F(x_tau) [B] from a few cells of each user's grid density d.
 
     With S_j = sum_(i<=j) d_i, d'_j and d'''_j by central differences on d_(j-3) .. d_(j+3) (the grid continued
@@ -309,7 +309,7 @@ def _block_summaries(ends: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: 
     beyond the grid), ``sw`` [2, B, P] S_(k-1), S_k (clamped to the grid). Inside that cell [x_(j-1), x_j] the
     mass is the polynomial of ``_cell_poly``, equal to C_j - C_(j-1) over the cell; the quantile is the root of
     the linear-density quadratic refined by NEWTON_STEPS Newton steps on it. Below x_0 (above x_(M-1)) F ~ C
-    e^(a x) (1 - F ~ C e^(-b x)) is inverted (never on a narrowed grid, which holds every quantile). ``tau`` =
+    e^(a x) (1 - F ~ C e^(-b x)) is inverted (not with ``inside``: a narrowed grid holds every quantile). ``tau`` =
     (s, td [8, B], ts [B]) for x_tau at x_(j-1) + s h: d on cells j-4 .. j+3, S_(j-1).
     """
     M = x.shape[0]
@@ -335,9 +335,10 @@ def _block_summaries(ends: torch.Tensor, k: torch.Tensor, dw: torch.Tensor, sw: 
         mass, dens = _cell_mass(frac, co, h)
         frac = torch.where(dens > 0, frac - (mass - r) / (h * dens), frac).clamp(0, 1)
     xq = x[(jq - 1).clamp(0, M - 2)] + frac * h
-    low_tail = x[0] + torch.log(ps / (tail_lo / total).clamp_min(1e-300)[:, None]) / a
-    high_tail = x[-1] - torch.log((1 - ps) / (1 - (tail_lo + c_last) / total).clamp_min(1e-300)[:, None]) / b
-    xq = torch.where((jq > 0) & (jq < M), xq, torch.where(jq <= 0, low_tail, high_tail))
+    if not inside:
+        low_tail = x[0] + torch.log(ps / (tail_lo / total).clamp_min(1e-300)[:, None]) / a
+        high_tail = x[-1] - torch.log((1 - ps) / (1 - (tail_lo + c_last) / total).clamp_min(1e-300)[:, None]) / b
+        xq = torch.where((jq > 0) & (jq < M), xq, torch.where(jq <= 0, low_tail, high_tail))
     if tau is None:
         return xq, None
     s, td, ts = tau
@@ -577,9 +578,13 @@ def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Ten
                 return False
             k[r0:r1] = kk
             idx = (kk[:, None, :] + dwin[:, None]).view(R, 9 * P)          # cells k-4 .. k+4, window-major
-            fac = ext.take(idx + PAD)                                       # continued beyond the grid
-            idx.clamp_(0, M - 1)
-            dw[:, r0:r1].copy_(torch.gather(d, 1, idx).mul_(fac).view(R, 9, P).transpose(0, 1))
+            if exact:                                                       # the windows lie inside the grid
+                win_d = torch.gather(d, 1, idx)
+            else:
+                fac = ext.take(idx + PAD)                                   # continued beyond the grid
+                idx.clamp_(0, M - 1)
+                win_d = torch.gather(d, 1, idx).mul_(fac)
+            dw[:, r0:r1].copy_(win_d.view(R, 9, P).transpose(0, 1))
             sw[:, r0:r1].copy_(torch.gather(cum, 1, idx[:, 3 * P:5 * P]).view(R, 2, P).transpose(0, 1))
             if tau is not None:
                 td[:, r0:r1].copy_(d.index_select(1, tau_cells).t())
@@ -588,7 +593,7 @@ def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Ten
         m1, m2 = nodes.moments @ torch.softmax(lq_t, dim=0)
         out.mean[users], out.sd[users] = m1, (m2 - m1 * m1).clamp_min(0).sqrt()
         tau_at = None if tau is None else (s_tau, td.mul_(tau_fac[:, None]), ts)
-        xs, f_tau = _block_summaries(ends, k, dw, sw, x, h, pa, pb, ps, tau_at)
+        xs, f_tau = _block_summaries(ends, k, dw, sw, x, h, pa, pb, ps, tau_at, inside=exact)
         eta_q = torch.sigmoid(xs)
         out.lo[users], out.hi[users] = eta_q[:, 0], eta_q[:, 1]
         if f_tau is not None:
