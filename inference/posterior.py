@@ -58,7 +58,8 @@ COMPACT = 8                # mode refinement keeps only the active users' cells 
 # beyond its ends are then exact (``_tail_rule``) instead of the density continued in closed form
 EDGE_CELLS = 5             # a narrowed grid keeps every quantile's cell this far inside its ends, else the bucket is
                            # done again on the full grid (the cell's 9-point windows then stay on the grid)
-PROBE_CHUNKS = 4           # chunks of users, spread over the bucket, whose exact tail masses place the narrowed ends
+PROBE_CHUNKS, PROBE_ROWS = 4, 1024   # chunks of users (and their rows), spread over the bucket, whose exact tail
+                                     # masses place the narrowed ends
 PROBE_STEP = 5             # grid cells between the probe's trial ends
 NARROW_MARGIN = 5          # cells beyond the probe's ends
 NARROW_MAX = 0.75          # narrowed only when that keeps at most this share of the span
@@ -431,9 +432,9 @@ def _narrow_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch
     """Ends j0 < j1 inside [i0, i1] of a grid that should hold every quantile of the bucket's users (and x_tau),
     EDGE_CELLS and more inside its ends; None when it would keep more than NARROW_MAX of the span.
 
-    On PROBE_CHUNKS chunks of users spread over the bucket, the exact masses (``_tail_rule``) below and above trial
-    ends every PROBE_STEP cells: j0 is the last trial end below which every probed user has at most half of the
-    lower probability, j1 likewise from above, each moved NARROW_MARGIN cells out. Users the probe missed are
+    On PROBE_CHUNKS chunks of PROBE_ROWS users spread over the bucket, the exact masses (``_tail_rule``) below and
+    above trial ends every PROBE_STEP cells: j0 is the last trial end below which every probed user has at most half
+    of the lower probability, j1 likewise from above, each moved NARROW_MARGIN cells out. Users the probe missed are
     caught by the pass on the narrowed grid (``_bucket_pass``), which then gives way to the full grid.
     """
     dt, dev = x.dtype, x.device
@@ -443,8 +444,9 @@ def _narrow_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch
     eta_hi, lw_hi = _tail_rule(a, b, bk.max_votes, torch.sigmoid(-xs), upper=True)
     S, n_lo, n_hi = xs.shape[0], eta_lo.shape[1], eta_hi.shape[1]
     tab = _table(plan, bk, torch.cat([eta_lo.reshape(-1), eta_hi.reshape(-1)]), mu, rho)
-    chunks = bk.row_chunks(max(1, MAX_ELEMENTS // (i1 - i0 + 1)))
-    probe = chunks[::max(1, len(chunks) // PROBE_CHUNKS)][:PROBE_CHUNKS]
+    n = len(bk.users)
+    starts = sorted({min(n - 1, i * n // PROBE_CHUNKS) for i in range(PROBE_CHUNKS)})
+    probe = [(s, bk.rows(s, min(s + PROBE_ROWS, n))) for s in starts]
     worst_lo = torch.full((S,), -math.inf, dtype=dt, device=dev)
     worst_hi = worst_lo.clone()
     log_beta = float(special.betaln(a, b))

@@ -103,16 +103,16 @@ class Bucket:
 
     def row_chunks(self, max_rows: int) -> list[tuple[int, torch.Tensor]]:
         """Row ranges of the incidence as (first row, CSR [rows, Q]) pieces of at most max_rows rows."""
-        n, q = self.incidence.shape
+        n = self.incidence.shape[0]
         if n <= max_rows:
             return [(0, self.incidence)]
+        return [(start, self.rows(start, min(start + max_rows, n))) for start in range(0, n, max_rows)]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start .. stop - 1 of the incidence, CSR [stop - start, Q] (views of its indices and values)."""
         crow, col, val = self.incidence.crow_indices(), self.incidence.col_indices(), self.incidence.values()
-        out = []
-        for start in range(0, n, max_rows):
-            stop = min(start + max_rows, n)
-            lo, hi = int(crow[start]), int(crow[stop])
-            out.append((start, csr_tensor(crow[start:stop + 1] - lo, col[lo:hi], val[lo:hi], (stop - start, q))))
-        return out
+        lo, hi = int(crow[start]), int(crow[stop])
+        return csr_tensor(crow[start:stop + 1] - lo, col[lo:hi], val[lo:hi], (stop - start, self.incidence.shape[1]))
 
 
 @dataclass
