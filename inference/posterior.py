@@ -521,9 +521,10 @@ def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Ten
     max_elements, block_rows = (GPU_ELEMENTS, GPU_BLOCK_ROWS) if dev.type == "cuda" else (MAX_ELEMENTS, BLOCK_ROWS)
     rows = max(1, max_elements // (M * n_rho))
     chunks = bk.row_chunks(rows)
-    g_buf = torch.empty(min(rows, len(bk.users)), M * n_rho, dtype=dt, device=dev)
+    if exact:   # one sparse product reads the grid and the tail columns
+        tab, prior_x = torch.cat([tab, tab_e], 1), torch.cat([prior_x, bias_e])
+    g_buf = torch.empty(min(rows, len(bk.users)), tab.shape[1], dtype=dt, device=dev)
     c_buf = torch.empty(min(rows, len(bk.users)), M, dtype=dt, device=dev)
-    e_buf = torch.empty(min(rows, len(bk.users)), bias_e.shape[0], dtype=dt, device=dev) if exact else None
     per_block = max(1, block_rows // rows)
     for c0 in range(0, len(chunks), per_block):
         group = chunks[c0:c0 + per_block]
@@ -545,7 +546,8 @@ def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Ten
             d = None
             if by_z:
                 log_z = torch.logsumexp(lq_t[:, r0:r1], dim=0)
-                d = g_buf[:R].copy_(prior_x.expand(R, -1)).addmm_(inc, tab).sub_(log_z[:, None]).exp_()
+                full = g_buf[:R].copy_(prior_x.expand(R, -1)).addmm_(inc, tab)   # exact: the tail columns beside
+                d = full[:, :M].sub_(log_z[:, None]).exp_()
                 cum = torch.cumsum(d, 1, out=c_buf[:R])
                 if not bool(((cum[:, -1] > SAFE_SUM[0]) & (cum[:, -1] < SAFE_SUM[1])).all()):
                     if exact:
@@ -566,7 +568,7 @@ def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Ten
             if exact:
                 e_r[:, :2] = d.index_select(1, grid_ends)
                 e_r[:, 2] = cum[:, -1]
-                ell = e_buf[:R].copy_(bias_e.expand(R, -1)).addmm_(inc, tab_e)
+                ell = full[:, M:]
                 # each node's share of a tail mass (at most 1: no overflow), summed per side
                 torch.mm(ell[:, :n_lo + n_hi].sub_((log_z + log_beta)[:, None]).exp_(), sides, out=e_r[:, 3:5])
                 l1, l2, l3 = ell[:, n_lo + n_hi:].view(R, 3, 2).unbind(1)        # [R, 2] each: at x_0, x_(M-1)
