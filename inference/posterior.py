@@ -12,8 +12,15 @@ its slope and its third derivative at the cell's ends (differences on 7 grid poi
 on a grid of 200 points or more (see ``_grid_size``).
 The mode (``eta_hat``) is the grid maximum of the density in eta, refined by safeguarded Newton.
 
-Cost: per chunk of users one sparse product, a max, an exp and a cumulative sum over the [users, M]
-grid; the summaries read a few grid cells per user (gathered per chunk, computed per block of users).
+Without modes (EM, which has its eta_u), with integer a, b and no per-user rho, the grid narrows further, to the
+span of the users' quantiles (``_narrow_span``, placed on a probe of the bucket's users): the masses beyond its
+ends are then exact (Gauss-Jacobi on [0, sigmoid(x_0)] and [sigmoid(x_(M-1)), 1], ``_tail_rule``), and the
+Euler-Maclaurin end terms take the log density's exact slopes there (``_slope_table``). A bucket with a user
+whose quantile cell falls within EDGE_CELLS of an end is done again on the full grid. For EM's Beta(1, 1) at 10M
+votes this keeps 71 of the 198 points.
+
+Cost: per chunk of users one sparse product, a max (not without modes), an exp and a cumulative sum over the
+[users, M] grid; the summaries read a few grid cells per user (gathered per chunk, computed per block of users).
 """
 
 from __future__ import annotations
