@@ -234,7 +234,7 @@ def _tail_rule(a: float, b: float, n_max: int, s: torch.Tensor, upper: bool) -> 
     p, q = (b, a) if upper else (a, b)
     n = (n_max + int(q) - 1) // 2 + 1
     t, lw = gauss_jacobi(torch.tensor(float(p), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), n)
-    t, lw = t.to(s.dtype), lw.to(s.dtype)
+    t, lw = t.to(s), lw.to(s)                      # s's dtype and device
     st = s[:, None] * t[None, :]
     logw = p * torch.log(s)[:, None] - math.log(p) + lw[None, :] + (q - 1) * torch.log1p(-st)
     return (1 - st) if upper else st, logw
@@ -437,7 +437,8 @@ def _narrow_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch
                  x: torch.Tensor, i0: int, i1: int, ps: torch.Tensor, tau: float | None,
                  nodes: _Nodes) -> tuple[int, int] | None:
     """Ends j0 < j1 inside [i0, i1] of a grid that should hold every quantile of the bucket's users (and x_tau),
-    EDGE_CELLS and more inside its ends; None when it would keep more than NARROW_MAX of the span.
+    EDGE_CELLS and more inside its ends; None when it would keep more than NARROW_MAX of the span, or when x_tau's
+    cells do not fit inside [i0, i1] with that margin.
 
     On PROBE_CHUNKS chunks of PROBE_ROWS users spread over the bucket, the exact masses (``_tail_rule``) below and
     above trial ends every PROBE_STEP cells: j0 is the last trial end below which every probed user has at most half
@@ -471,9 +472,11 @@ def _narrow_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch
     j0 = int(trial[int(ok_lo[-1])]) if len(ok_lo) else i0          # the masses grow with the end: a prefix holds
     j1 = int(trial[int(ok_hi[0])]) if len(ok_hi) else i1
     j0, j1 = j0 - NARROW_MARGIN, j1 + NARROW_MARGIN
-    if tau is not None:
+    if tau is not None:   # x_tau's cells inside too (else the full grid, which continues the density beyond it)
         jt = int(torch.searchsorted(x, torch.tensor(math.log(tau / (1 - tau)), dtype=dt, device=dev)))
         j0, j1 = min(j0, jt - EDGE_CELLS - 2), max(j1, jt + EDGE_CELLS + 1)
+        if j0 < i0 or j1 > i1:
+            return None
     if j1 - j0 < MIN_SPAN:                                  # a narrow posterior: a span of at least MIN_SPAN cells
         j0, j1 = (j0 + j1 - MIN_SPAN) // 2, (j0 + j1 + MIN_SPAN) // 2
     j0, j1 = max(j0, i0), min(j1, i1)

@@ -275,7 +275,8 @@ def _spy_passes(monkeypatch) -> list[tuple[int, bool, bool]]:
     return passes
 
 
-@pytest.mark.parametrize("a, b, rho, tau", [(1.0, 1.0, None, None), (2.0, 3.0, 0.7, 0.55), (1.0, 4.0, None, 0.3)])
+@pytest.mark.parametrize("a, b, rho, tau", [(1.0, 1.0, None, None), (2.0, 3.0, 0.7, 0.55), (1.0, 4.0, None, 0.3),
+                                            (1.0, 1.0, None, 1e-7)])
 def test_without_modes_the_grid_narrows_to_the_quantiles_and_its_exact_tails_match_quadrature(monkeypatch, a, b,
                                                                                               rho, tau):
     """Integer a, b and no modes (EM's posterior): the grid keeps only the span of the quantiles (and x_tau), the
@@ -334,3 +335,18 @@ def test_a_narrowed_grid_that_misses_a_quantile_gives_way_to_the_full_grid(monke
     whole = user_posterior(*args, tau=0.5, modes=False)
     for f in ("mean", "sd", "lo", "hi", "prob_above"):
         np.testing.assert_allclose(getattr(missed, f), getattr(whole, f), rtol=0, atol=1e-9, err_msg=f)
+
+
+def test_a_tau_beyond_the_grid_keeps_the_full_grid(monkeypatch):
+    """P(eta > tau) for a tau whose cells lie beyond x = -20 is read from the continued density: no bucket
+    narrows, and the result is that of a run that never narrows."""
+    st = vote_stats(_spread_votes([1, 3, 9, 20] * 10, seed=2))
+    plan = build_plan(st, torch.device("cpu"), F64)
+    args = (plan, None, 1.0, 1.0, torch.tensor([0.8, 0.65], dtype=F64), None)
+    passes = _spy_passes(monkeypatch)
+    post = user_posterior(*args, tau=1e-12, modes=False)
+    assert passes and not any(exact for _, exact, _ in passes), passes
+    monkeypatch.setattr(posterior, "NARROW_MAX", -1.0)
+    whole = user_posterior(*args, tau=1e-12, modes=False)
+    for f in ("mean", "sd", "lo", "hi", "prob_above"):
+        np.testing.assert_array_equal(getattr(post, f), getattr(whole, f), err_msg=f)
