@@ -5,8 +5,9 @@
     python benchmarks/posterior.py svi         # 1,000,000 users x 20 votes, SVI to convergence
     python benchmarks/posterior.py svi-small   # 5,000 users: SVI coverage and widths vs NUTS
     python benchmarks/posterior.py all
-    python benchmarks/posterior.py user-posterior --stats votes.pkl [--compare old_posterior.py]
-                                               # per-user summaries (user_posterior) alone, timed
+    python benchmarks/posterior.py user-posterior --stats votes.pkl [--compare old_posterior.py] [--em]
+                                               # per-user summaries (user_posterior) alone, timed; --em: EM's
+                                               # call (Beta(1, 1), no modes, no tau)
 
 Simulated data: ``heedful.simulate`` with eta ~ Beta(3, 5), one pair with mu = 0.8. mu is given as
 known in the config (as the design notes say, mu alone is weakly identified from the population), the
@@ -105,10 +106,11 @@ def run_svi(users: int, priors: Priors, seed: int = 2, nuts: Attentiveness | Non
     return m
 
 
-def run_user_posterior(stats_path: str | None, users: int, reps: int, compare: str | None) -> None:
-    """Time ``user_posterior`` (a = 2, b = 1.5, mu from 0.6 to 0.9 over the pairs, tau = 1/2) on pickled VoteStats
-    (or simulated: ``users`` x 10 votes over 10 pairs), interleaved with the same function from the file
-    ``compare`` (say, an older posterior.py) when given; prints wall and CPU seconds and the largest differences."""
+def run_user_posterior(stats_path: str | None, users: int, reps: int, compare: str | None, em: bool = False) -> None:
+    """Time ``user_posterior`` (a = 2, b = 1.5, mu from 0.6 to 0.9 over the pairs, tau = 1/2; with ``em``
+    EM's call: a = b = 1, no modes, no tau) on pickled VoteStats (or simulated: ``users`` x 10 votes over 10 pairs),
+    interleaved with the same function from the file ``compare`` (say, an older posterior.py) when given; prints
+    wall and CPU seconds and the largest differences."""
     import importlib.util
     import pickle
 
@@ -137,7 +139,8 @@ def run_user_posterior(stats_path: str | None, users: int, reps: int, compare: s
     for rep in range(reps):
         for name, fn in funcs.items():
             t, c = time.perf_counter(), time.process_time()
-            out[name] = fn(plan, cells, 2.0, 1.5, mu, None, tau=0.5)
+            out[name] = (fn(plan, cells, 1.0, 1.0, mu, None, modes=False) if em
+                         else fn(plan, cells, 2.0, 1.5, mu, None, tau=0.5))
             wall, cpu_s = time.perf_counter() - t, time.process_time() - c
             best[name] = min(best.get(name, (np.inf, np.inf)), (wall, cpu_s))
             print(f"  rep {rep} {name}: wall {wall:.2f} s, cpu {cpu_s:.2f} s; load {_load()}")
@@ -146,7 +149,7 @@ def run_user_posterior(stats_path: str | None, users: int, reps: int, compare: s
     if compare:
         print(f"  wall ratio compare/this {best['compare'][0] / best['this'][0]:.2f}; max |this - compare|: "
               + ", ".join(f"{k} {np.max(np.abs(getattr(out['this'], k) - getattr(out['compare'], k))):.1e}"
-                          for k in ("lo", "hi", "prob_above", "mode", "mean", "sd")))
+                          for k in ("lo", "hi", "mean", "sd") + (() if em else ("prob_above", "mode"))))
 
 
 def main() -> None:
@@ -165,12 +168,13 @@ def main() -> None:
     p.add_argument("--stats", help="user-posterior: pickled VoteStats to time on (default: simulated)")
     p.add_argument("--compare", help="user-posterior: a posterior.py file whose user_posterior to time alongside")
     p.add_argument("--reps", type=int, default=3, help="user-posterior: interleaved repetitions")
+    p.add_argument("--em", action="store_true", help="user-posterior: EM's call (Beta(1, 1), no modes, no tau)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("HEEDFUL_THREADS", "2")))
     priors = Priors() if args.mu_free else KNOWN
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {_load()}")
     if args.what == "user-posterior":
-        run_user_posterior(args.stats, args.users or 1_000_000, args.reps, args.compare)
+        run_user_posterior(args.stats, args.users or 1_000_000, args.reps, args.compare, args.em)
         return
     nuts = None
     if args.what in ("collapsed", "all"):
