@@ -76,6 +76,12 @@ def _spread_votes(counts: list[int], seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _with_gold(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The votes with a gold label (a or b at random) on about a fifth of them."""
+    rng = np.random.default_rng(seed)
+    return df.assign(gold=np.where(rng.random(len(df)) < 0.2, rng.choice(["a", "b"], len(df)), None))
+
+
 def _reference(lik, a: float, b: float, tau: float, score=None) -> dict[str, float]:
     """Mean, 5% and 95% quantiles, P(eta > tau) and mode of lik(eta) Beta(eta; a, b) by adaptive quadrature.
 
@@ -244,10 +250,7 @@ def test_the_grid_keeps_only_the_span_that_holds_mass(monkeypatch, a, b, rho, go
     """Dropping the grid's points beyond the likelihood-ratio bound (TAIL_EPS) changes no summary beyond rounding,
     with gold labels (factors that vanish at an end) and a position bias; and it does drop points."""
     df = _spread_votes([1, 2, 4, 9, 20, 45] * 30, seed=11)
-    if gold:
-        rng = np.random.default_rng(2)
-        df["gold"] = np.where(rng.random(len(df)) < 0.2, rng.choice(["a", "b"], len(df)), None)
-    st = vote_stats(df)
+    st = vote_stats(_with_gold(df, seed=2) if gold else df)
     plan = build_plan(st, torch.device("cpu"), F64)
     args = (plan, st.tensors(torch.device("cpu"), F64), a, b, torch.tensor([0.8, 0.65], dtype=F64), rho)
     spans = []
@@ -321,10 +324,7 @@ def test_a_narrowed_grid_that_misses_a_quantile_gives_way_to_the_full_grid(monke
     on the full grid, with the summaries of a run that never narrows, gold labels (factors vanishing at an end)
     included."""
     df = _spread_votes([1, 2, 4, 9, 20, 45] * 20, seed=13)
-    if gold:
-        rng = np.random.default_rng(4)
-        df["gold"] = np.where(rng.random(len(df)) < 0.2, rng.choice(["a", "b"], len(df)), None)
-    st = vote_stats(df)
+    st = vote_stats(_with_gold(df, seed=4) if gold else df)
     plan = build_plan(st, torch.device("cpu"), F64)
     args = (plan, None, 1.0, 2.0, torch.tensor([0.8, 0.65], dtype=F64), None)
     passes = _spy_passes(monkeypatch)
