@@ -222,6 +222,11 @@ def _continued_ends(v: torch.Tensor, a: float, b: float, out: torch.Tensor) -> N
               torch.tensor([1 / a, 1 / b, a, a ** 3, -b, -b ** 3], dtype=v.dtype, device=v.device), out=out[:, 3:])
 
 
+def _tail_nodes(n_max: int, q: float) -> int:
+    """Nodes of ``_tail_rule`` for degree n_max + q - 1 (q: b below, a above): (n_max + q - 1) // 2 + 1."""
+    return max(n_max + int(q) - 1, 0) // 2 + 1
+
+
 def _tail_rule(a: float, b: float, n_max: int, s: torch.Tensor, upper: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Points eta [S, N] and log-weights [S, N] of a rule with sum_i w_i L(eta_i) = the integral of L(eta)
     eta^(a-1) (1 - eta)^(b-1) below eta = s (above eta = 1 - s when ``upper``) for each s of ``s`` [S]: exact for
@@ -232,7 +237,7 @@ def _tail_rule(a: float, b: float, n_max: int, s: torch.Tensor, upper: bool) -> 
     and b swapped and eta = 1 - s t.
     """
     p, q = (b, a) if upper else (a, b)
-    n = (n_max + int(q) - 1) // 2 + 1
+    n = _tail_nodes(n_max, q)
     t, lw = gauss_jacobi(torch.tensor(float(p), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), n)
     t, lw = t.to(s), lw.to(s)                      # s's dtype and device
     st = s[:, None] * t[None, :]
@@ -400,7 +405,7 @@ def user_posterior(plan: QuadraturePlan, cells: dict[str, torch.Tensor] | None, 
         h = 2 * X_EDGE / (M - 1)
         i0, i1 = (0, M - 1) if rp is not None else _grid_span(plan, bk, pa, pb, mu, rho_t, h, M, tau, modes)
         narrow = None
-        if narrowable and max(bk.max_votes + int(max(pa, pb)) - 1, 0) // 2 + 1 <= TAIL_NODE_CAP:
+        if narrowable and _tail_nodes(bk.max_votes, max(pa, pb)) <= TAIL_NODE_CAP:
             narrow = _narrow_span(plan, bk, pa, pb, mu, rho_t, x, i0, i1, ps, tau, nodes)
         if narrow is None or not _bucket_pass(plan, bk, out, x[narrow[0]:narrow[1] + 1], h, pa, pb, mu, rho_t, rp,
                                               ps, tau, nodes, modes, exact=True):
