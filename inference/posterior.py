@@ -245,6 +245,16 @@ def _tail_rule(a: float, b: float, n_max: int, s: torch.Tensor, upper: bool) -> 
     return (1 - st) if upper else st, logw
 
 
+def _tail_table(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch.Tensor, rho: torch.Tensor | None,
+                x_lo: torch.Tensor, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact rules (``_tail_rule``) for the mass below each end of x_lo [S0] and above each of x_hi [S1]: the
+    pattern table at their points [Q, S0 N0 + S1 N1] (the rules below first) and their log-weights [S0, N0] and
+    [S1, N1]."""
+    eta_lo, lw_lo = _tail_rule(a, b, bk.max_votes, torch.sigmoid(x_lo), upper=False)
+    eta_hi, lw_hi = _tail_rule(a, b, bk.max_votes, torch.sigmoid(-x_hi), upper=True)
+    return _table(plan, bk, torch.cat([eta_lo.reshape(-1), eta_hi.reshape(-1)]), mu, rho), lw_lo, lw_hi
+
+
 def _slope_table(plan: QuadraturePlan, bk: Bucket, xs: torch.Tensor, mu: torch.Tensor,
                  rho: torch.Tensor | None) -> torch.Tensor:
     """[Q, 3 S]: count_q times the first three derivatives in x of log(c_q + eta (m_q - c_q)), eta = sigmoid(x),
@@ -453,10 +463,8 @@ def _narrow_span(plan: QuadraturePlan, bk: Bucket, a: float, b: float, mu: torch
     dt, dev = x.dtype, x.device
     trial = torch.arange(i0, i1 + 1, PROBE_STEP, device=dev)
     xs = x[trial]
-    eta_lo, lw_lo = _tail_rule(a, b, bk.max_votes, torch.sigmoid(xs), upper=False)
-    eta_hi, lw_hi = _tail_rule(a, b, bk.max_votes, torch.sigmoid(-xs), upper=True)
-    S, n_lo, n_hi = xs.shape[0], eta_lo.shape[1], eta_hi.shape[1]
-    tab = _table(plan, bk, torch.cat([eta_lo.reshape(-1), eta_hi.reshape(-1)]), mu, rho)
+    tab, lw_lo, lw_hi = _tail_table(plan, bk, a, b, mu, rho, xs, xs)
+    S, n_lo, n_hi = xs.shape[0], lw_lo.shape[1], lw_hi.shape[1]
     n = len(bk.users)
     starts = sorted({min(n - 1, i * n // PROBE_CHUNKS) for i in range(PROBE_CHUNKS)})
     probe = [(s, bk.rows(s, min(s + PROBE_ROWS, n))) for s in starts]
@@ -514,11 +522,9 @@ def _bucket_pass(plan: QuadraturePlan, bk: Bucket, out: _Summaries, x: torch.Ten
         tab = _table(plan, bk, torch.sigmoid(x).repeat_interleave(n_rho), mu, xr.repeat(M))
     if exact:   # the exact masses below x_0 and above x_(M-1) and the log density's slopes there, per user
         ends_x = x[[0, -1]]
-        eta_lo, lw_lo = _tail_rule(pa, pb, bk.max_votes, torch.sigmoid(ends_x[:1]), upper=False)
-        eta_hi, lw_hi = _tail_rule(pa, pb, bk.max_votes, torch.sigmoid(-ends_x[1:]), upper=True)
-        n_lo, n_hi = eta_lo.shape[1], eta_hi.shape[1]
-        tab_e = torch.cat([_table(plan, bk, torch.cat([eta_lo[0], eta_hi[0]]), mu, rho_t),
-                           _slope_table(plan, bk, ends_x, mu, rho_t)], 1)
+        tab_t, lw_lo, lw_hi = _tail_table(plan, bk, pa, pb, mu, rho_t, ends_x[:1], ends_x[1:])
+        n_lo, n_hi = lw_lo.shape[1], lw_hi.shape[1]
+        tab_e = torch.cat([tab_t, _slope_table(plan, bk, ends_x, mu, rho_t)], 1)
         bias_e = torch.cat([lw_lo[0], lw_hi[0], _prior_slopes(pa, pb, ends_x)])
         sides = torch.zeros(n_lo + n_hi, 2, dtype=dt, device=dev)
         sides[:n_lo, 0], sides[n_lo:, 1] = 1.0, 1.0
