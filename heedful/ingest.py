@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from pandas._libs.hashtable import UInt64HashTable, UInt64Vector  # an incremental khash map (pandas >= 1.0)
 
 from heedful.errors import InputError
+from heedful.hashparts import GroupedCodes, HashParts, PartTables, hash_parts
 from heedful.suffstats import KINDS_PER_PAIR, N_FIRST, N_GOLD, VoteStats
 from heedful.votes import REQUIRED, read_table, validate_votes
 
@@ -254,6 +254,7 @@ class _Batch:
     gold_canon_a: np.ndarray         # bool [n]
     user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
     user_short: ShortIds | None = None     # short_ids(user_values), likewise
+    user_parts: HashParts | None = None    # hash_parts(user_hash), likewise
     id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids, sorted
 
 
@@ -538,11 +539,12 @@ def duplicate_id_error(ids: pd.Series, rows: list[int], sources: list, label: st
 # -- users --------------------------------------------------------------------------------------------
 @dataclass
 class UserIndex:
-    """Global user codes in order of first appearance, through a hash table of 64-bit id hashes.
+    """Global user codes in order of first appearance, through hash tables of 64-bit id hashes.
 
-    :meth:`codes` takes a batch's ids (every row, repeats allowed) with their :func:`hash_ids` and, in one
-    pass in input order, finds the known ids and numbers the new ones n, n + 1, ... by first appearance
-    (pandas' ``UInt64HashTable.get_labels``, which releases the GIL). String ids are confirmed exactly for
+    :meth:`codes` takes a batch's ids (every row, repeats allowed) with their :func:`hash_ids` (and the
+    :func:`heedful.hashparts.hash_parts` of those), finds the known ids and numbers the new ones n, n + 1, ...
+    by first appearance (:class:`heedful.hashparts.PartTables`: 64 cache-sized tables, pandas'
+    ``UInt64HashTable.get_labels``, which releases the GIL). String ids are confirmed exactly for
     every row, ``ids[code] == id``: on their :class:`ShortIds` (bytes and length as integers) while every id
     seen has at most 8 bytes, else on the ids themselves; should two distinct ids ever share a hash, the index
     switches to exact matching with Arrow's ``index_in`` for good. Integers hash to themselves, so their
@@ -553,7 +555,7 @@ class UserIndex:
     chunks: list[pa.Array] = field(default_factory=list)
     n: int = 0
     exact: bool = False
-    table: UInt64HashTable | None = field(default=None, repr=False, compare=False)
+    table: PartTables | None = field(default=None, repr=False, compare=False)
     short: ShortIds | None = field(default=None, repr=False, compare=False)   # every id's short form, while all
     long: bool = False                                                      # are short; True once one is not
 
@@ -578,11 +580,9 @@ class UserIndex:
             self.chunks = [pa.concat_arrays(self.chunks)]
         return pa.chunked_array(self.chunks, type=self.type)
 
-    def _table(self) -> UInt64HashTable:
+    def _table(self) -> PartTables:
         if self.table is None:
-            self.table = UInt64HashTable(max(2 * self.n, 1 << 10))
-            if self.n:
-                self.table.map_locations(hash_ids(self.values()))
+            self.table = PartTables(hash_ids(self.values()) if self.n else None)
         return self.table
 
     def conform(self, values: pa.Array) -> pa.Array:
@@ -601,28 +601,32 @@ class UserIndex:
         return not self.exact and not pa.types.is_integer(values.type)
 
     def codes(self, values: pa.Array, h: np.ndarray | None = None, deferred: bool = False,
-              short: ShortIds | None = None) -> np.ndarray:
+              short: ShortIds | None = None, parts: HashParts | None = None, lazy: bool = False
+              ) -> np.ndarray | GroupedCodes:
         """Codes (int64) of ``values``, adding the new ids in order of first appearance; ``h``: their hash_ids,
-        ``short``: their short_ids. ``deferred``: the caller confirms them itself (the :meth:`check` made right
-        after the call, with the :meth:`conform` ``(values)`` and the same ``short``)."""
+        ``parts``: the hash_parts of those, ``short``: their short_ids. ``deferred``: the caller confirms them
+        itself (the :meth:`check` made right after the call, with the :meth:`conform` ``(values)`` and the same
+        ``short``). ``lazy``: the codes as found (:class:`GroupedCodes`, put in row order by the caller, in any
+        thread) where they need no check here."""
         if (cast := self.conform(values)) is not values:
-            values, h, short = cast, None, None
+            values, h, short, parts = cast, None, None, None
         if self.exact:
             return self._codes_exact(values)
-        h = hash_ids(values) if h is None else h
+        if parts is None or len(parts) != len(values):
+            parts = hash_parts(hash_ids(values) if h is None else h)
         short = self.short_form(values, short)
-        n0, short0, added = self.n, self.short, UInt64Vector()
-        out = self._table().get_labels(h, added, n0, -1)
-        if len(added):
-            seen = np.maximum.accumulate(out)       # new codes first appear in increasing order
-            first = np.flatnonzero(out[1:] > np.maximum(seen[:-1], n0 - 1)) + 1
-            first = np.concatenate([[0], first]) if out[0] >= n0 else first
+        n0, short0 = self.n, self.short
+        found, first = self._table().codes(parts, n0)
+        if len(first):
             self.chunks.append(values.take(pa.array(first)))
-            self.n += len(added)
+            self.n += len(first)
             if short is not None:
                 self.short = short.take(first) if self.short is None else self.short.then(short.take(first))
+        if lazy and (deferred or not self.confirms(values)):
+            return found
+        out = found.in_rows()
         if not deferred and self.confirms(values) and not self.check(values, short).holds(out):
-            if len(added):
+            if len(first):
                 self.chunks.pop()
             self.n, self.short = n0, short0
             return self._collision(values)
@@ -744,15 +748,17 @@ class StatsBuilder:
 
     def _assign(self, b: _Batch, deferred: bool = False) -> _Assigned:
         """The in-order part of counting a batch: the users' and pairs' codes in this builder (new ones added).
-        ``deferred``: the codes are not yet confirmed on the ids; :func:`_cells` does it (in any thread).
+        ``deferred``: the codes are not yet confirmed on the ids nor in row order; :func:`_cells` does both (in any
+        thread).
         Also keeps the batch's vote-id hashes for :meth:`duplicate_ids`."""
         if b.id_hash is not None:
             self.id_hashes.append(b.id_hash)
         values = self.index.conform(b.user_values)
-        deferred = deferred and self.index.confirms(values)
+        lazy, deferred = deferred, deferred and self.index.confirms(values)
         same = values is b.user_values
         short = self.index.short_form(values, b.user_short if same else None)
-        codes = self.index.codes(values, b.user_hash if same else None, deferred=deferred, short=short)
+        codes = self.index.codes(values, b.user_hash if same else None, deferred=deferred, short=short,
+                                 parts=b.user_parts if same else None, lazy=lazy)
         return _Assigned(b, codes, self._pair_codes(b.pairs), len(self.pairs),
                          self.index.check(values, short) if deferred else None)
 
@@ -887,7 +893,7 @@ class _Assigned:
     confirming, the builder's user ids then and the batch's user values in their type."""
 
     batch: _Batch
-    user_codes: np.ndarray           # int64, per row (batch.user is None) or per batch.user_values entry
+    user_codes: np.ndarray | GroupedCodes   # int64, per row (batch.user is None) or per batch.user_values entry
     pair_codes: np.ndarray           # int64 [batch pairs]
     n_pairs: int
     unconfirmed: _Check | None = None
@@ -912,9 +918,10 @@ class _Collision(Exception):
 def _cells(a: _Assigned, presort: bool) -> _Cells:
     """Keys and sums of an assigned batch (no builder state, so any thread); confirms deferred user codes."""
     b = a.batch
-    if a.unconfirmed is not None and not a.unconfirmed.holds(a.user_codes):
+    codes = a.user_codes.in_rows() if isinstance(a.user_codes, GroupedCodes) else a.user_codes
+    if a.unconfirmed is not None and not a.unconfirmed.holds(codes):
         raise _Collision
-    user = a.user_codes if b.user is None else a.user_codes[b.user]
+    user = codes if b.user is None else codes[b.user]
     pair = a.pair_codes[b.pair] if len(a.pair_codes) else b.pair
     live = ~b.tie
     gold = np.where(b.gold_known, np.where(b.gold_canon_a == b.pick_a, 1, 2), 0)
@@ -1122,6 +1129,7 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
         b.id_hash = np.sort(hash_ids(col))      # sorted here, in a worker: the final check merges sorted runs
     b.user_hash = hash_ids(b.user_values)
+    b.user_parts = hash_parts(b.user_hash)
     b.user_short = short_ids(b.user_values)
     return b
 
