@@ -52,20 +52,21 @@ class GroupedCodes:
     :meth:`in_rows` puts them in row order, in any thread: those arrays only grow (a grown one is a copy), so
     later batches never change the entries these labels read."""
 
-    labels: np.ndarray           # int64 [n], in the order of parts.order
-    parts: HashParts
+    labels: np.ndarray           # int64 [n], in the order of ``order``
+    order: np.ndarray            # HashParts.order and .bounds of the batch (not its hashes)
+    bounds: np.ndarray
     maps: list[np.ndarray]       # [PARTS]: local label -> global code
 
     def in_rows(self) -> np.ndarray:
         """The code of every row, in input order (int64 [n])."""
         grouped = np.empty(len(self.labels), np.int64)
-        bounds = self.parts.bounds
+        bounds = self.bounds
         for g in range(PARTS):
             a, b = int(bounds[g]), int(bounds[g + 1])
             if a < b:
                 grouped[a:b] = self.maps[g][self.labels[a:b]]
         out = np.empty_like(grouped)
-        out[self.parts.order] = grouped
+        out[self.order] = grouped
         return out
 
 
@@ -122,4 +123,4 @@ class PartTables:
         for g, first in zip(grew, firsts, strict=True):
             self._append(g, rank[i:i + len(first)])
             i += len(first)
-        return GroupedCodes(labels, parts, list(self.global_code)), rows[by_row]
+        return GroupedCodes(labels, parts.order, parts.bounds, list(self.global_code)), rows[by_row]

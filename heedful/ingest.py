@@ -252,9 +252,8 @@ class _Batch:
     first: np.ndarray                # int64 [n]: 0 unknown, 1 picked first-shown, 2 second-shown
     gold_known: np.ndarray           # bool [n]
     gold_canon_a: np.ndarray         # bool [n]
-    user_hash: np.ndarray | None = None    # hash_ids(user_values), computed off the main thread
+    user_parts: HashParts | None = None    # hash_parts(hash_ids(user_values)), computed off the main thread
     user_short: ShortIds | None = None     # short_ids(user_values), likewise
-    user_parts: HashParts | None = None    # hash_parts(user_hash), likewise
     id_hash: np.ndarray | None = None      # hash_ids of the batch's vote ids, sorted
 
 
@@ -757,8 +756,9 @@ class StatsBuilder:
         lazy, deferred = deferred, deferred and self.index.confirms(values)
         same = values is b.user_values
         short = self.index.short_form(values, b.user_short if same else None)
-        codes = self.index.codes(values, b.user_hash if same else None, deferred=deferred, short=short,
-                                 parts=b.user_parts if same else None, lazy=lazy)
+        codes = self.index.codes(values, deferred=deferred, short=short, parts=b.user_parts if same else None,
+                                 lazy=lazy)
+        b.user_parts = None                     # the hashes are done with (the codes keep their order)
         return _Assigned(b, codes, self._pair_codes(b.pairs), len(self.pairs),
                          self.index.check(values, short) if deferred else None)
 
@@ -1128,8 +1128,7 @@ def prepare_batch(batch: pa.RecordBatch, source: str, row0: int) -> _Batch:
             _encode_pandas(batch, source, row0)        # raises validate_votes' message for a blank id
             col = pa.array(col.to_pandas().astype(str).to_numpy(dtype=object), type=pa.string())
         b.id_hash = np.sort(hash_ids(col))      # sorted here, in a worker: the final check merges sorted runs
-    b.user_hash = hash_ids(b.user_values)
-    b.user_parts = hash_parts(b.user_hash)
+    b.user_parts = hash_parts(hash_ids(b.user_values))
     b.user_short = short_ids(b.user_values)
     return b
 
