@@ -3,9 +3,10 @@
 A Parquet, CSV or TSV file (or many files, a folder or a glob) is read in parts (Parquet row groups,
 else record batches of ``chunk_rows`` rows), only the columns the model needs. Worker threads read
 and encode the parts: the few distinct model and choice values are dictionary-encoded with Arrow,
-checked and mapped in Python, and user and vote ids are hashed (64 bits). The main thread counts the
-parts in input order: it numbers the users with the :class:`UserIndex` (a hash table of the user
-hashes, confirmed on the ids), and every row becomes one integer key
+checked and mapped in Python, and user and vote ids are hashed (64 bits), the user hashes grouped for
+:mod:`heedful.hashparts`. The main thread counts the parts in input order: it numbers the users with the
+:class:`UserIndex` (64 cache-sized hash tables of the user hashes; the codes confirmed on the ids and put in row
+order by the workers), and every row becomes one integer key
 
     key = user << 32 | kind,    kind = ((pair * 2 + pick_a) * 3 + first) * 3 + gold
 
