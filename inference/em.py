@@ -278,6 +278,18 @@ def _crow(rows: torch.Tensor, n_rows: int, index: torch.dtype) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(index)
 
 
+def _run_starts(start: torch.Tensor, index: torch.dtype) -> torch.Tensor:
+    """CSR row pointers [E + 1] in ``index`` of the E runs that begin where ``start`` holds (start[0] does): their
+    first positions, then len(start). Written straight into ``index`` (10M votes: no [E] int64 concatenation, 51 MB
+    of fresh pages fewer); numpy finds the positions on a CPU (2-3x faster than torch.nonzero there)."""
+    pos = (torch.from_numpy(np.flatnonzero(start.numpy())) if start.device.type == "cpu"
+           else torch.nonzero(start).flatten())
+    crow = torch.empty(pos.shape[0] + 1, dtype=index, device=start.device)
+    crow[:-1] = pos
+    crow[-1] = start.shape[0]
+    return crow
+
+
 def _ascending(cu: torch.Tensor, kind: torch.Tensor) -> bool:
     """Whether the cells are in ascending (user, kind) order (compared pairwise: no keys formed)."""
     if cu.shape[0] < 2:
@@ -344,12 +356,12 @@ class _Profile:
         start = torch.ones(cu_f.shape[0], dtype=torch.bool, device=dev)   # where a (user, pair) run begins
         torch.ne(cu_f[1:], cu_f[:-1], out=start[1:])
         start[1:] |= pair_f[1:] != pair_f[:-1]
-        first = torch.nonzero(start).flatten()
+        crow_e = _run_starts(start, index)
+        first = crow_e[:-1]                 # each entry's first cell, in the index dtype (it only indexes)
         self.E = E = first.shape[0]
         # the counts as values (the sign d m / d mu goes on the vector): with every pair free, by_user's own
         # columns and values, no new per-cell arrays
-        self.by_entry = csr_tensor(torch.cat([first, first.new_full((1,), start.shape[0])]).to(index),
-                                   self.by_user.col_indices() if fc is None else fc.to(index),   # 0 .. C-1: shared
+        self.by_entry = csr_tensor(crow_e, self.by_user.col_indices() if fc is None else fc.to(index),   # shared
                                    cnt if fc is None else cnt[fc], (E, C))
         del start, pair
         # per entry: its user and column of V, in the index dtype (they index and count, never take part in sums)

@@ -309,3 +309,19 @@ def test_the_first_eta_solve_starts_inside_each_users_grid_bracket(case):
         assert bool((ref == 0).any()) and bool((ref >= prof.ub).any()) and bool((start[empty] == 0.5).all())
     torch.testing.assert_close(eta, ref, atol=1e-9, rtol=0)
     assert obj == pytest.approx(ref_obj, rel=1e-13) and prof.passes < half_passes
+
+
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_run_starts_are_the_csr_row_pointers_of_the_runs(index):
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 1000):
+        start = torch.from_numpy(rng.random(n) < 0.3)
+        start[0] = True                                  # a run begins at the first cell
+        crow = em._run_starts(start, index)
+        expect = torch.cat([torch.nonzero(start).flatten(), torch.tensor([n])])
+        assert crow.dtype == index
+        assert torch.equal(crow.long(), expect)
+        lens = crow[1:] - crow[:-1]
+        assert bool((lens > 0).all()) and int(lens.sum()) == n      # the runs tile the cells
+    every = torch.ones(5, dtype=torch.bool)
+    assert em._run_starts(every, index).tolist() == [0, 1, 2, 3, 4, 5]
