@@ -1,5 +1,6 @@
 """Streaming ingestion equals vote_stats(read_votes(...)): counts, order, dtypes, and the error messages."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -517,3 +518,21 @@ def test_per_pair_counts_are_the_votes_counted_once_and_read_only():
     assert stats.kind_votes() is stats.kind_votes()
     with pytest.raises(ValueError, match="read-only"):
         stats.kind_votes()[0] += 1
+
+
+def test_per_user_and_per_kind_votes_sum_the_cell_counts_in_integers():
+    """user_votes / kind_votes equal the raw votes grouped by user (ties left out) and the float-weighted sums of
+    the cells, with cells that hold one vote, several, and none."""
+    votes = simulate(300, 9, pairs=default_pairs(2, 0.8), tie_rate=0.1, seed=5).votes
+    stats = vote_stats(votes)
+    assert (stats.cell_count > 1).any() and (stats.cell_count == 1).any()
+    per_user = votes[votes.choice != "tie"].groupby("user_id").size()
+    np.testing.assert_array_equal(stats.user_votes(), per_user.reindex(stats.users, fill_value=0).to_numpy())
+    for index, n, got in ((stats.cell_user, stats.n_users, stats.user_votes()),
+                          (stats.cell_kind, stats.n_kinds, stats.kind_votes())):
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.bincount(index, weights=stats.cell_count, minlength=n))
+    zeros = dataclasses.replace(stats, cell_count=np.where(np.arange(len(stats.cell_count)) % 3 == 0, 0,
+                                                           stats.cell_count))
+    np.testing.assert_array_equal(zeros.kind_votes(), np.bincount(zeros.cell_kind, weights=zeros.cell_count,
+                                                                  minlength=zeros.n_kinds))
