@@ -1,4 +1,4 @@
-"""Gauss-Jacobi quadrature against a Beta(a, b) density, differentiable in a and b.
+"""Gauss-Jacobi quadrature against a Beta(a, b) density, differentiable in a and b; Chebyshev interpolation.
 
 With G nodes, ``sum_g w_g f(x_g) = E_{x ~ Beta(a, b)}[f(x)]`` exactly for every polynomial f of degree
 at most 2G - 1. Nodes and weights come from the eigen-decomposition of the Jacobi matrix of the
@@ -8,7 +8,11 @@ carries gradients with respect to (a, b) through ``torch.linalg.eigh``.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
+from numpy.polynomial import chebyshev
 
 
 def jacobi_matrix(a: torch.Tensor, b: torch.Tensor, n_nodes: int) -> torch.Tensor:
@@ -57,3 +61,32 @@ def nodes_for(max_votes: int, cap: int, moments: int = 0) -> int:
     votes: L_u has degree n_u, so 2G - 1 >= max_votes + moments. ``moments=0``: the marginal likelihood and its
     derivatives in the globals (polynomials of the same degree); 2: the posterior's mean and sd."""
     return int(min(max((max_votes + moments) // 2 + 1, 2), cap))
+
+
+@functools.lru_cache(maxsize=64)
+def chebyshev_operators(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a polynomial p of degree < n on [0, 1], known by its values v_j = p(t_j) at the n Chebyshev points
+    t_j = (1 + cos(pi (j + 1/2) / n)) / 2: (t [n], W [2n + 4, n]) with W v = (Z, M1, M2, c, a):
+    Z = int_0^1 p, M1 = int_0^1 t p, M2 = int_0^1 t^2 p, a [n] the coefficients of p = sum_k a_k T_k(2t - 1)
+    and c [n + 1] those of F(x) = int_0^x p (F(0) = 0). Exact in exact arithmetic (p is its own interpolant);
+    float64 numpy, cached."""
+    j = np.arange(n)
+    y = np.cos(np.pi * (j + 0.5) / n)
+    to_coef = 2.0 / n * np.cos(np.pi * np.outer(np.arange(n), j + 0.5) / n)   # discrete orthogonality of T_k
+    to_coef[0] /= 2
+    to_cdf = chebyshev.chebint(to_coef, lbnd=-1, scl=0.5, axis=0)              # dt = dy / 2; F(y = -1) = 0
+    t1 = _times_t(n)                                                           # coefficients of t p, t^2 p
+    t2 = _times_t(n + 1) @ t1
+    moments = [chebyshev.chebint(m @ to_coef, lbnd=-1, scl=0.5, axis=0).sum(0)   # at y = 1: T_k(1) = 1
+               for m in (np.eye(n), t1, t2)]
+    return (1.0 + y) / 2, np.vstack(moments + [to_cdf, to_coef])
+
+
+def _times_t(m: int) -> np.ndarray:
+    """[m + 1, m]: Chebyshev coefficients (in y = 2t - 1) of t p from those of p (degree < m), from
+    y T_k = (T_(k+1) + T_|k-1|) / 2 and t = (1 + y) / 2."""
+    y = np.zeros((m + 1, m))
+    k = np.arange(m)
+    y[k + 1, k] = 0.5
+    y[np.abs(k - 1), k] += 0.5
+    return 0.5 * (y + np.eye(m + 1, m))

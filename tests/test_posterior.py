@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import integrate, optimize, special
 
-from heedful.inference import posterior
+from heedful.inference import polynomial_posterior, posterior
 from heedful.inference.posterior import X_EDGE, _grid_size, user_posterior
 from heedful.model.likelihood import build_plan
 from heedful.suffstats import vote_stats
@@ -265,7 +265,9 @@ def test_the_grid_keeps_only_the_span_that_holds_mass(monkeypatch, a, b, rho, go
 
 
 def _spy_passes(monkeypatch) -> list[tuple[int, bool, bool]]:
-    """Record (grid points, exact, finished) of each bucket pass."""
+    """Record (grid points, exact, finished) of each bucket pass; the exact polynomial summaries (integer a, b,
+    no modes: tests/test_polynomial_posterior.py) turned off, so that every bucket goes to the grid."""
+    monkeypatch.setattr(polynomial_posterior, "MAX_DEGREE", -1)
     passes = []
     real = posterior._bucket_pass
 
