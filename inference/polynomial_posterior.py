@@ -4,8 +4,8 @@ Each vote's factor c + eta (m - c) is linear, so with integer a, b the unnormali
 p_u(eta) = L_u(eta) eta^(a-1) (1 - eta)^(b-1) is a polynomial of degree n_u + a + b - 2 <= D for a bucket of
 users. Its values at the N = D + 1 Chebyshev points t_j of (0, 1) fix it, and everything else is linear in them
 (:func:`heedful.model.quadrature.chebyshev_operators`): Z_u, E[eta], E[eta^2], and the Chebyshev coefficients of
-p_u and of its CDF F_u (degree D + 1), all from one [users, N] x [N, 2N + 4] product. The quantiles solve
-F_u(eta) = p by Newton (F_u' = p_u, both by Clenshaw's recurrence) from the normal quantile mean + z_p sd, kept
+p_u and of its CDF F_u (degree D + 1), all from one [users, N] x [N, 2N + 5] product (E[eta^3] too). The quantiles solve
+F_u(eta) = p by Newton (F_u' = p_u, both by Clenshaw's recurrence) from the Cornish-Fisher quantile, kept
 inside a bracket (bisection where a step leaves it); P(eta > tau) = 1 - F_u(tau). Exact to rounding: within
 1e-10 of adaptive quadrature in the tests, against the grid's 1e-6 (:mod:`heedful.inference.posterior`).
 
@@ -31,7 +31,7 @@ from heedful.model.quadrature import chebyshev_operators
 
 MAX_DEGREE = 64            # buckets whose density has a higher degree keep the grid
 NEWTON_STEPS = 4           # Newton steps on every user of a chunk
-EXTRA_STEPS = 40           # further steps, while some user's last step is above XTOL
+EXTRA_STEPS = 40           # further steps for the quantiles whose last step is above XTOL
 XTOL = 1e-11               # a quantile is settled when its last Newton step is below this
 ROWS, GPU_ROWS = 1 << 15, 1 << 20   # users per chunk
 
@@ -66,7 +66,7 @@ def polynomial_summaries(bk: Bucket, log_lik: Callable[[torch.Tensor], torch.Ten
     n = degree(bk, a, b) + 1
     t_np, w_np = chebyshev_operators(n)
     t = torch.as_tensor(t_np, dtype=dt, device=dev)
-    ops = torch.as_tensor(w_np.T, dtype=dt, device=dev).contiguous()              # [n, 2n + 4]
+    ops = torch.as_tensor(w_np.T, dtype=dt, device=dev).contiguous()              # [n, 2n + 5]
     tab = log_lik(t)                                                              # [Q, n]
     prior = (a - 1) * torch.log(t) + (b - 1) * torch.log1p(-t)
     tau_basis = None if tau is None else _basis(torch.tensor([2 * tau - 1], dtype=dt, device=dev), n + 1).view(-1)
@@ -80,14 +80,17 @@ def polynomial_summaries(bk: Bucket, log_lik: Callable[[torch.Tensor], torch.Ten
         R = inc.shape[0]
         s = buf[:R].copy_(prior.expand(R, -1)).addmm_(inc.to(dt), tab)           # log p_u(t_j), up to a constant
         v = s.sub_(s.max(1, keepdim=True).values).exp_()
-        lin = v @ ops                                                             # [R, 2n + 4]
-        z = lin[:, 0]
+        lin = v @ ops                                                             # [R, 2n + 5]
+        z = lin[:, 0].clone()
         m1 = lin[:, 1] / z
         mean[start:start + R] = m1
-        sd[start:start + R] = (lin[:, 2] / z - m1 * m1).clamp_min(0).sqrt()
-        lin = lin[:, 3:].div_(z[:, None])
-        cdf, dens = lin[:, :n + 1], lin[:, n + 1:]                                # coefficients of F_u, p_u / Z_u
-        x = _quantiles(cdf, dens, m1, sd[start:start + R], ps)
+        lin = lin.div_(z[:, None])
+        var = (lin[:, 2] - m1 * m1).clamp_min(0)
+        sd[start:start + R] = s_r = var.sqrt()
+        third = lin[:, 3] - m1 * (3 * lin[:, 2] - 2 * m1 * m1)                    # E[(eta - mean)^3]
+        skew = (third / (var * s_r)).nan_to_num_(0.0, 0.0, 0.0).clamp_(-2, 2)
+        cdf, dens = lin[:, 4:n + 5], lin[:, n + 5:]                               # coefficients of F_u, p_u / Z_u
+        x = _quantiles(cdf, dens, m1, s_r, skew, ps)
         if x is None:
             return None
         q[:, start:start + R] = x
@@ -120,26 +123,43 @@ def _clenshaw(coef: torch.Tensor, y2: torch.Tensor, bufs: list[torch.Tensor]) ->
     return torch.addcmul(coef[0], y2, b1, value=0.5, out=b0).sub_(b2)     # coef_0 + y b_1 - b_2
 
 
-def _quantiles(cdf: torch.Tensor, dens: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor,
+def _quantiles(cdf: torch.Tensor, dens: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor, skew: torch.Tensor,
                ps: torch.Tensor) -> torch.Tensor | None:
-    """x [P, R] with F_u(x) = p for each p of ps, by Newton from the normal quantile mean + z_p sd, kept inside a
-    bracket that starts as [0, 1] (bisection where a step leaves it); None if a step is still above XTOL after
-    NEWTON_STEPS + EXTRA_STEPS."""
+    """x [P, R] with F_u(x) = p for each p of ps, by Newton from the Cornish-Fisher quantile
+    mean + sd (z_p + (z_p^2 - 1) skew / 6), kept inside a bracket that starts as [0, 1] (bisection where a step
+    leaves it): NEWTON_STEPS steps on all, then up to EXTRA_STEPS on those whose last step was above XTOL only;
+    None if some step is still above it."""
+    P, R = ps.shape[0], cdf.shape[0]
     z = torch.as_tensor(special.ndtri(ps.cpu().numpy()), dtype=ps.dtype, device=ps.device)[:, None]
-    target = ps[:, None]
-    x = torch.addcmul(mean, z, sd).clamp_(0.0, 1.0)                               # [P, R]
+    target = ps[:, None].expand(P, R).contiguous()
+    x = torch.addcmul(z, (z * z - 1) / 6, skew).mul_(sd).add_(mean).clamp_(0.0, 1.0)   # [P, R]
     lo, hi = torch.zeros_like(x), torch.ones_like(x)
     cdf_t, dens_t = cdf.t().contiguous(), dens.t().contiguous()                  # [n + 1, R], [n, R]
-    bufs = [[torch.empty_like(x) for _ in range(3)] for _ in range(2)]
-    for step in range(NEWTON_STEPS + EXTRA_STEPS):
-        y2 = x.mul(4).sub_(2)                                                     # 2 y, y = 2 x - 1
-        r = _clenshaw(cdf_t, y2, bufs[0]).sub_(target)                            # F_u(x) - p
-        d = _clenshaw(dens_t, y2, bufs[1])                                        # p_u(x) / Z_u
-        lo, hi = torch.where(r < 0, x, lo), torch.where(r > 0, x, hi)
-        new = x - r / d
-        new = torch.where((new >= lo) & (new <= hi), new, 0.5 * (lo + hi))       # also where d = 0 (new not finite)
-        moved = (new - x).abs_().amax()
-        x = new
-        if step + 1 >= NEWTON_STEPS and float(moved) <= XTOL:
+    for _ in range(NEWTON_STEPS):
+        x, lo, hi, moved = _newton_step(cdf_t, dens_t, target, x, lo, hi)
+    left = torch.nonzero(moved.view(-1) > XTOL).flatten()                        # the (quantile, user)s still moving
+    if left.numel() == 0:
+        return x
+    col = left % R
+    sub = [v.view(-1)[left] for v in (target, x, lo, hi)]
+    coef = (cdf_t[:, col], dens_t[:, col])
+    for _ in range(EXTRA_STEPS):
+        xs, los, his, moved = _newton_step(*coef, *sub)
+        sub = [sub[0], xs, los, his]
+        if float(moved.amax()) <= XTOL:
+            x.view(-1)[left] = xs
             return x
     return None
+
+
+def _newton_step(cdf_t: torch.Tensor, dens_t: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
+                 lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One safeguarded Newton step on F(x) = target, the bracket [lo, hi] narrowed by the sign of F(x) - target:
+    (x, lo, hi, |step|). The series' coefficients [m, ...] broadcast against x's last dimension."""
+    y2 = x.mul(4).sub_(2)                                                         # 2 y, y = 2 x - 1
+    r = _clenshaw(cdf_t, y2, [torch.empty_like(x) for _ in range(3)]).sub_(target)   # F_u(x) - p
+    d = _clenshaw(dens_t, y2, [torch.empty_like(x) for _ in range(3)])               # p_u(x) / Z_u
+    lo, hi = torch.where(r < 0, x, lo), torch.where(r > 0, x, hi)
+    new = x - r / d
+    new = torch.where((new >= lo) & (new <= hi), new, 0.5 * (lo + hi))           # also where d = 0 (new not finite)
+    return new, lo, hi, (new - x).abs_()

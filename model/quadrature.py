@@ -66,8 +66,8 @@ def nodes_for(max_votes: int, cap: int, moments: int = 0) -> int:
 @functools.lru_cache(maxsize=64)
 def chebyshev_operators(n: int) -> tuple[np.ndarray, np.ndarray]:
     """For a polynomial p of degree < n on [0, 1], known by its values v_j = p(t_j) at the n Chebyshev points
-    t_j = (1 + cos(pi (j + 1/2) / n)) / 2: (t [n], W [2n + 4, n]) with W v = (Z, M1, M2, c, a):
-    Z = int_0^1 p, M1 = int_0^1 t p, M2 = int_0^1 t^2 p, a [n] the coefficients of p = sum_k a_k T_k(2t - 1)
+    t_j = (1 + cos(pi (j + 1/2) / n)) / 2: (t [n], W [2n + 5, n]) with W v = (Z, M1, M2, M3, c, a):
+    Z = int_0^1 p, Mk = int_0^1 t^k p, a [n] the coefficients of p = sum_k a_k T_k(2t - 1)
     and c [n + 1] those of F(x) = int_0^x p (F(0) = 0). Exact in exact arithmetic (p is its own interpolant);
     float64 numpy, cached."""
     j = np.arange(n)
@@ -77,8 +77,9 @@ def chebyshev_operators(n: int) -> tuple[np.ndarray, np.ndarray]:
     to_cdf = chebyshev.chebint(to_coef, lbnd=-1, scl=0.5, axis=0)              # dt = dy / 2; F(y = -1) = 0
     t1 = _times_t(n)                                                           # coefficients of t p, t^2 p
     t2 = _times_t(n + 1) @ t1
+    t3 = _times_t(n + 2) @ t2
     moments = [chebyshev.chebint(m @ to_coef, lbnd=-1, scl=0.5, axis=0).sum(0)   # at y = 1: T_k(1) = 1
-               for m in (np.eye(n), t1, t2)]
+               for m in (np.eye(n), t1, t2, t3)]
     return (1.0 + y) / 2, np.vstack(moments + [to_cdf, to_coef])
 
 

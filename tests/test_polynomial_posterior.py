@@ -25,12 +25,12 @@ def test_the_chebyshev_operators_give_integrals_moments_and_coefficients_of_a_po
     t, W = chebyshev_operators(n)
     assert np.all((t > 0) & (t < 1))
     out = W @ poly(t)
-    prim = [(poly * Polynomial([0, 1]) ** k).integ() for k in range(3)]
+    prim = [(poly * Polynomial([0, 1]) ** k).integ() for k in range(4)]
     scale = np.abs(poly.coef).sum()
-    for k in range(3):                                             # Z, int t p, int t^2 p
+    for k in range(4):                                             # Z, int t p, int t^2 p, int t^3 p
         assert out[k] == pytest.approx(prim[k](1.0) - prim[k](0.0), abs=1e-12 * scale)
     x = np.linspace(0, 1, 17)
-    cdf, dens = out[3:n + 4], out[n + 4:]
+    cdf, dens = out[4:n + 5], out[n + 5:]
     np.testing.assert_allclose(np.polynomial.chebyshev.chebval(2 * x - 1, cdf), prim[0](x) - prim[0](0.0),
                                rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(np.polynomial.chebyshev.chebval(2 * x - 1, dens), poly(x), rtol=0, atol=1e-12 * scale)
