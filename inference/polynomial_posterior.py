@@ -4,12 +4,13 @@ Each vote's factor c + eta (m - c) is linear, so with integer a, b the unnormali
 p_u(eta) = L_u(eta) eta^(a-1) (1 - eta)^(b-1) is a polynomial of degree n_u + a + b - 2 <= D for a bucket of
 users. Its values at the N = D + 1 Chebyshev points t_j of (0, 1) fix it, and everything else is linear in them
 (:func:`heedful.model.quadrature.chebyshev_operators`): Z_u, E[eta], E[eta^2], and the Chebyshev coefficients of
-p_u and of its CDF F_u (degree D + 1), all from one [users, N] x [N, 2N + 5] product (E[eta^3] too). The quantiles solve
-F_u(eta) = p by Newton (F_u' = p_u, both by Clenshaw's recurrence) from the Cornish-Fisher quantile, kept
-inside a bracket (bisection where a step leaves it); P(eta > tau) = 1 - F_u(tau). Exact to rounding: within
-1e-10 of adaptive quadrature in the tests, against the grid's 1e-6 (:mod:`heedful.inference.posterior`).
+p_u and of its CDF F_u (degree D + 1), all from one [users, N] x [N, 2N + 5] product (E[eta^3] too). The
+quantiles solve F_u(eta) = p by Newton (F_u' = p_u, both by Clenshaw's recurrence) from the Cornish-Fisher
+quantile, kept inside a bracket (bisection where a step leaves it); P(eta > tau) = 1 - F_u(tau). Exact to
+rounding: within 1e-10 of adaptive quadrature in the tests, against the grid's 1e-6
+(:mod:`heedful.inference.posterior`).
 
-p_u is log-concave (linear factors and eta^(a-1) (1 - eta)^(b-1) with a, b >= 1), so Newton from the normal
+p_u is log-concave (linear factors and eta^(a-1) (1 - eta)^(b-1) with a, b >= 1), so Newton from the Cornish-Fisher
 quantile converges fast: at 10M votes every step of a chunk is below XTOL after five. Should some step stay above
 it after NEWTON_STEPS + EXTRA_STEPS, the bucket goes to the grid.
 
@@ -81,10 +82,9 @@ def polynomial_summaries(bk: Bucket, log_lik: Callable[[torch.Tensor], torch.Ten
         s = buf[:R].copy_(prior.expand(R, -1)).addmm_(inc.to(dt), tab)           # log p_u(t_j), up to a constant
         v = s.sub_(s.max(1, keepdim=True).values).exp_()
         lin = v @ ops                                                             # [R, 2n + 5]
-        z = lin[:, 0].clone()
-        m1 = lin[:, 1] / z
+        lin = lin.div_(lin[:, :1].clone())                                         # moments and coefficients / Z_u
+        m1 = lin[:, 1]
         mean[start:start + R] = m1
-        lin = lin.div_(z[:, None])
         var = (lin[:, 2] - m1 * m1).clamp_min(0)
         sd[start:start + R] = s_r = var.sqrt()
         third = lin[:, 3] - m1 * (3 * lin[:, 2] - 2 * m1 * m1)                    # E[(eta - mean)^3]

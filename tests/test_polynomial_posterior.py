@@ -7,6 +7,7 @@ import pytest
 import torch
 from numpy.polynomial import Polynomial
 from scipy import integrate, optimize
+from test_posterior import _spread_votes, _with_gold
 
 from heedful.inference import polynomial_posterior
 from heedful.inference.posterior import user_posterior
@@ -34,21 +35,6 @@ def test_the_chebyshev_operators_give_integrals_moments_and_coefficients_of_a_po
     np.testing.assert_allclose(np.polynomial.chebyshev.chebval(2 * x - 1, cdf), prim[0](x) - prim[0](0.0),
                                rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(np.polynomial.chebyshev.chebval(2 * x - 1, dens), poly(x), rtol=0, atol=1e-12 * scale)
-
-
-def _votes(counts: list[int], seed: int, gold: bool = False) -> pd.DataFrame:
-    """Users with the given vote counts over two pairs, the shown order recorded; a gold label on about a fifth."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u, n in enumerate(counts):
-        for _ in range(n):
-            pair = rng.integers(2)
-            rows.append({"user_id": f"u{u}", "model_a": "AC"[pair], "model_b": "BD"[pair],
-                         "choice": rng.choice(["a", "b"], p=[0.7, 0.3]), "shown_first": rng.choice(["a", "b"])})
-    df = pd.DataFrame(rows)
-    if gold:
-        df["gold"] = np.where(rng.random(len(df)) < 0.2, rng.choice(["a", "b"], len(df)), None)
-    return df
 
 
 def _reference(d: pd.DataFrame, a: float, b: float, rho: float | None, tau: float) -> dict[str, float]:
@@ -97,7 +83,8 @@ def _spy(monkeypatch) -> list[tuple[int, bool]]:
 def test_the_summaries_are_exact_against_adaptive_quadrature(monkeypatch, a, b, rho, tau, gold):
     """1 to 60 votes, a position bias, gold labels (factors vanishing at an end): every bucket takes the
     polynomial path and every summary is within 1e-10 of adaptive quadrature (the grid: 1e-6)."""
-    df = _votes([1, 2, 3, 5, 9, 14, 20, 33, 45, 60] * 2, seed=7, gold=gold)
+    df = _spread_votes([1, 2, 3, 5, 9, 14, 20, 33, 45, 60] * 2, seed=7)
+    df = _with_gold(df, seed=8) if gold else df
     st = vote_stats(df)
     plan = build_plan(st, torch.device("cpu"), F64)
     calls = _spy(monkeypatch)
@@ -112,7 +99,7 @@ def test_the_summaries_are_exact_against_adaptive_quadrature(monkeypatch, a, b, 
 
 def test_only_integer_priors_without_modes_and_light_buckets_take_the_polynomial_path(monkeypatch):
     """A bucket of degree above MAX_DEGREE, a non-integer prior, and modes asked for all keep the grid."""
-    st = vote_stats(_votes([3, 9, 300], seed=3))
+    st = vote_stats(_spread_votes([3, 9, 300], seed=3))
     plan = build_plan(st, torch.device("cpu"), F64)
     mu = torch.tensor([MU[p] for p in st.pairs], dtype=F64)
     calls = _spy(monkeypatch)
@@ -127,7 +114,7 @@ def test_only_integer_priors_without_modes_and_light_buckets_take_the_polynomial
 
 def test_a_newton_iteration_that_does_not_settle_gives_the_bucket_to_the_grid(monkeypatch):
     """No step settles (XTOL below zero): the polynomial path gives up and the summaries are the grid's."""
-    st = vote_stats(_votes([1, 4, 9, 20] * 5, seed=1))
+    st = vote_stats(_spread_votes([1, 4, 9, 20] * 5, seed=1))
     plan = build_plan(st, torch.device("cpu"), F64)
     args = (plan, None, 1.0, 2.0, torch.tensor([MU[p] for p in st.pairs], dtype=F64), None)
     calls = _spy(monkeypatch)
@@ -141,7 +128,7 @@ def test_a_newton_iteration_that_does_not_settle_gives_the_bucket_to_the_grid(mo
 
 
 def test_the_summaries_do_not_depend_on_the_chunks(monkeypatch):
-    st = vote_stats(_votes([1, 2, 5, 9, 14] * 7, seed=4))
+    st = vote_stats(_spread_votes([1, 2, 5, 9, 14] * 7, seed=4))
     plan = build_plan(st, torch.device("cpu"), F64)
     args = (plan, None, 1.0, 1.0, torch.tensor([MU[p] for p in st.pairs], dtype=F64), 0.55)
     whole = user_posterior(*args, tau=0.4, modes=False)
